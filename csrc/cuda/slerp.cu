@@ -1,0 +1,183 @@
+// CUDA SLERP (see dafast/slerp.h for the math). Two launches on one stream, no host sync:
+//   1. slerp_reduce_kernel: each block folds |a|^2, |b|^2 and a.b over a grid-stride range
+//      in fp32 and stores its partial sums; the last block to finish adds the partials in
+//      block order in double (deterministic for a given grid) and writes the two coefficients.
+//   2. slerp_write_kernel: out = ca * a + cb * b, 16-byte vector loads and stores.
+// Raw pointers and cudaStream_t only: nvcc compiles this file without torch.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "dafast/slerp_cuda.h"
+
+namespace dafast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float(float x) { return x; }
+template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+
+// 16 bytes of T: one vector load or store.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// Sum over the block; the total is valid in thread 0. `scratch` holds kWarps values.
+template <typename Acc>
+__device__ Acc block_sum(Acc value, Acc* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kWarps ? scratch[lane] : Acc(0);
+    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+// Workspace layout: [3 * max_blocks doubles of partial sums][2 float coefficients][uint counter].
+struct Workspace {
+  double* partial;
+  float* coef;
+  unsigned int* blocks_done;
+};
+
+Workspace carve(void* base, int max_blocks) {
+  char* p = static_cast<char*>(base);
+  Workspace ws;
+  ws.partial = reinterpret_cast<double*>(p);
+  ws.coef = reinterpret_cast<float*>(p + sizeof(double) * 3 * max_blocks);
+  ws.blocks_done = reinterpret_cast<unsigned int*>(ws.coef + 2);
+  return ws;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
+                    SlerpParams params, Workspace ws) {
+  float aa = 0.f, bb = 0.f, ab = 0.f;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+
+  constexpr int V = Pack<T>::kSize;
+  const int64_t n_vec = (aligned16(a) && aligned16(b)) ? n / V : 0;
+  for (int64_t i = first; i < n_vec; i += stride) {
+    const Pack<T> pa = reinterpret_cast<const Pack<T>*>(a)[i];
+    const Pack<T> pb = reinterpret_cast<const Pack<T>*>(b)[i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float x = to_float(pa.v[j]), y = to_float(pb.v[j]);
+      aa = fmaf(x, x, aa);
+      bb = fmaf(y, y, bb);
+      ab = fmaf(x, y, ab);
+    }
+  }
+  for (int64_t i = n_vec * V + first; i < n; i += stride) {
+    const float x = to_float(a[i]), y = to_float(b[i]);
+    aa = fmaf(x, x, aa);
+    bb = fmaf(y, y, bb);
+    ab = fmaf(x, y, ab);
+  }
+
+  __shared__ float scratch_f[kWarps];
+  __shared__ double scratch_d[kWarps];
+  __shared__ bool is_last_block;
+  aa = block_sum(aa, scratch_f);
+  bb = block_sum(bb, scratch_f);
+  ab = block_sum(ab, scratch_f);
+  if (threadIdx.x == 0) {
+    ws.partial[3 * blockIdx.x + 0] = aa;
+    ws.partial[3 * blockIdx.x + 1] = bb;
+    ws.partial[3 * blockIdx.x + 2] = ab;
+    __threadfence();  // make the partials visible before counting this block as done
+    is_last_block = atomicAdd(ws.blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last_block) return;
+
+  // The last block: fold the partials in a fixed order. volatile: bypass stale L1 lines.
+  const volatile double* partial = ws.partial;
+  double sums[3] = {0.0, 0.0, 0.0};
+  for (int blk = threadIdx.x; blk < gridDim.x; blk += blockDim.x) {
+    for (int k = 0; k < 3; ++k) sums[k] += partial[3 * blk + k];
+  }
+  for (int k = 0; k < 3; ++k) sums[k] = block_sum(sums[k], scratch_d);
+  if (threadIdx.x == 0) {
+    slerp_coefficients(SlerpSums{sums[0], sums[1], sums[2]}, params, &ws.coef[0], &ws.coef[1]);
+    *ws.blocks_done = 0;  // leave the workspace reusable
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+slerp_write_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
+                   int64_t n, const float* __restrict__ coef) {
+  const float ca = coef[0], cb = coef[1];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+
+  constexpr int V = Pack<T>::kSize;
+  const int64_t n_vec = (aligned16(a) && aligned16(b) && aligned16(out)) ? n / V : 0;
+  for (int64_t i = first; i < n_vec; i += stride) {
+    const Pack<T> pa = reinterpret_cast<const Pack<T>*>(a)[i];
+    const Pack<T> pb = reinterpret_cast<const Pack<T>*>(b)[i];
+    Pack<T> po;
+#pragma unroll
+    for (int j = 0; j < V; ++j) po.v[j] = from_float<T>(fmaf(ca, to_float(pa.v[j]), cb * to_float(pb.v[j])));
+    reinterpret_cast<Pack<T>*>(out)[i] = po;
+  }
+  for (int64_t i = n_vec * V + first; i < n; i += stride) {
+    out[i] = from_float<T>(fmaf(ca, to_float(a[i]), cb * to_float(b[i])));
+  }
+}
+
+template <typename T>
+cudaError_t launch(const void* a, const void* b, void* out, int64_t n, SlerpParams params,
+                   void* workspace, int max_blocks, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int64_t packs = (n + Pack<T>::kSize - 1) / Pack<T>::kSize;
+  const int64_t wanted = (packs + kThreads - 1) / kThreads;
+  const int blocks = static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
+  const Workspace ws = carve(workspace, max_blocks);
+  slerp_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(a),
+                                                          static_cast<const T*>(b), n, params, ws);
+  slerp_write_kernel<T><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), n, ws.coef);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t slerp_cuda_workspace_bytes(int max_blocks) {
+  return sizeof(double) * 3 * static_cast<size_t>(max_blocks) + 2 * sizeof(float) +
+         sizeof(unsigned int);
+}
+
+cudaError_t slerp_cuda(DType dtype, const void* a, const void* b, void* out, int64_t n,
+                       SlerpParams params, void* workspace, int max_blocks, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return launch<float>(a, b, out, n, params, workspace, max_blocks, stream);
+    case DType::kFloat16: return launch<__half>(a, b, out, n, params, workspace, max_blocks, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(a, b, out, n, params, workspace, max_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace dafast

@@ -1,0 +1,56 @@
+// The dafast operator library: schemas, CPU implementations, and the pybind11 module
+// `dafast._C` for what is not an op (build information). Loading the module registers the ops
+// as torch.ops.dafast.*; the CUDA implementations live in ops_cuda.cpp (CUDA builds only).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "ops_common.h"
+
+#ifdef DAFAST_WITH_CUDA
+namespace dafast {
+int cuda_runtime_version_built();  // ops_cuda.cpp
+}
+#endif
+
+TORCH_LIBRARY(dafast, m) {
+  m.def("slerp(Tensor a, Tensor b, float t, float dot_threshold=0.9995, float eps=1e-08) -> Tensor");
+  // The out= form returns nothing, as torch.library wants of mutating custom ops; the Python
+  // wrapper returns `out`.
+  m.def("slerp_out(Tensor a, Tensor b, float t, float dot_threshold=0.9995, float eps=1e-08, *, "
+        "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(dafast, CPU, m) {
+  m.impl("slerp", &dafast::slerp_op<dafast::slerp_cpu>);
+  m.impl("slerp_out", &dafast::slerp_out_op<dafast::slerp_cpu>);
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list backends;
+  backends.append("cpu");
+#ifdef DAFAST_WITH_CUDA
+  backends.append("cuda");
+  info["cuda_runtime"] = dafast::cuda_runtime_version_built();
+#endif
+  info["backends"] = backends;
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                          std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dafast native kernels; the ops are registered as torch.ops.dafast.*";
+  m.def("build_info", &build_info, "Backends and versions this extension was compiled with.");
+}

@@ -1,0 +1,93 @@
+"""Loading of the native extension `dafast._C` and the switch between kernels and references.
+
+Every op in dafast.ops has a pure-PyTorch reference next to its native kernel. Which one runs:
+
+    DAFAST_KERNELS=auto       (default) the native kernels, or the references with one warning
+                              if the extension failed to build or load
+    DAFAST_KERNELS=native     the native kernels; an error if the extension is missing
+    DAFAST_KERNELS=reference  the references everywhere
+
+and `with dafast.kernels("reference"): ...` overrides it for a block of code (thread-local).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from typing import Iterator
+
+import torch  # noqa: F401  - loads libtorch/libc10, which dafast._C links against
+
+MODES = ("auto", "native", "reference")
+
+_C = None
+_load_error: Exception | None = None
+try:
+    _C = importlib.import_module("dafast._C")  # registers torch.ops.dafast.*
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _load_error = exc
+
+_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "dafast_kernels", default=None
+)
+_warned = False
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def build_info() -> dict:
+    """What the native extension was built with: backends, OpenMP, torch version."""
+    if _C is None:
+        return {"loaded": False, "error": repr(_load_error), "backends": []}
+    return {"loaded": True, **_C.build_info()}
+
+
+def kernel_mode() -> str:
+    mode = _mode_override.get() or os.environ.get("DAFAST_KERNELS", "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"DAFAST_KERNELS must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def kernels(mode: str) -> Iterator[None]:
+    """Run the enclosed code on the native kernels or on the references: kernels("reference")."""
+    if mode not in MODES:
+        raise ValueError(f"kernels() takes one of {', '.join(MODES)}; got {mode!r}")
+    token = _mode_override.set(mode)
+    try:
+        yield
+    finally:
+        _mode_override.reset(token)
+
+
+# torch.compile evaluates this once while tracing (Dynamo cannot trace ContextVar), so a compiled
+# function keeps the kernels it was compiled with; compile again after switching.
+@torch.compiler.assume_constant_result
+def use_native() -> bool:
+    """Whether ops should call torch.ops.dafast.* (True) or their references (False)."""
+    global _warned
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if _C is not None:
+        return True
+    if mode == "native":
+        raise RuntimeError(
+            f"DAFAST_KERNELS=native but the dafast._C extension did not load: {_load_error!r}. "
+            "Rebuild with `pip install --no-build-isolation -e .`"
+        )
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"dafast._C did not load ({_load_error!r}); running the pure-PyTorch references. "
+            "Rebuild with `pip install --no-build-isolation -e .`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
