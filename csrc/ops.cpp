@@ -16,14 +16,40 @@ int cuda_runtime_version_built();  // ops_cuda.cpp
 TORCH_LIBRARY(dafast, m) {
   m.def("slerp(Tensor a, Tensor b, float t, float dot_threshold=0.9995, float eps=1e-08) -> Tensor");
   // The out= form returns nothing, as torch.library wants of mutating custom ops; the Python
-  // wrapper returns `out`.
+  // wrapper returns `out`. With `sums` (from slerp_sums over whole tensors) it writes a chunk
+  // of a merge too large to hold at once.
   m.def("slerp_out(Tensor a, Tensor b, float t, float dot_threshold=0.9995, float eps=1e-08, *, "
-        "Tensor(a!) out) -> ()");
+        "Tensor? sums=None, Tensor(a!) out) -> ()");
+  // The reduction pass alone: float64 [|a|^2, |b|^2, a.b]; sums of chunks add up.
+  m.def("slerp_sums(Tensor a, Tensor b) -> Tensor");
 }
 
+namespace dafast {
+namespace {
+
+void slerp_sums_into_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& sums) {
+  const SlerpSums s = slerp_sums_cpu(a, b);
+  double* p = sums.mutable_data_ptr<double>();
+  p[0] = s.aa;
+  p[1] = s.bb;
+  p[2] = s.ab;
+}
+
+void slerp_write_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sums,
+                     at::Tensor& out, const SlerpParams& params) {
+  const double* p = sums.const_data_ptr<double>();
+  slerp_cpu(a, b, out, SlerpSums{p[0], p[1], p[2]}, params);
+}
+
+using SlerpCpu = SlerpOps<slerp_sums_into_cpu, slerp_write_cpu>;
+
+}  // namespace
+}  // namespace dafast
+
 TORCH_LIBRARY_IMPL(dafast, CPU, m) {
-  m.impl("slerp", &dafast::slerp_op<dafast::slerp_cpu>);
-  m.impl("slerp_out", &dafast::slerp_out_op<dafast::slerp_cpu>);
+  m.impl("slerp", &dafast::SlerpCpu::slerp);
+  m.impl("slerp_out", &dafast::SlerpCpu::slerp_out);
+  m.impl("slerp_sums", &dafast::SlerpCpu::sums);
 }
 
 namespace {

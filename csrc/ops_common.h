@@ -21,8 +21,7 @@ inline std::string dtype_name(at::ScalarType type) {
   }
 }
 
-inline void check_slerp_inputs(const at::Tensor& a, const at::Tensor& b, double t,
-                               double dot_threshold, double eps) {
+inline void check_slerp_pair(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(),
                    "dafast.slerp: a and b must have the same dtype, got ",
                    dtype_name(a.scalar_type()), " and ", dtype_name(b.scalar_type()));
@@ -34,6 +33,11 @@ inline void check_slerp_inputs(const at::Tensor& a, const at::Tensor& b, double 
                     a.sizes(), " and ", b.sizes());
   TORCH_CHECK_VALUE(a.device() == b.device(), "dafast.slerp: a and b must be on the same device, got ",
                     a.device(), " and ", b.device());
+}
+
+inline void check_slerp_inputs(const at::Tensor& a, const at::Tensor& b, double t,
+                               double dot_threshold, double eps) {
+  check_slerp_pair(a, b);
   // Written so that NaN fails every check.
   TORCH_CHECK_VALUE(t >= 0.0 && t <= 1.0, "dafast.slerp: t must be in [0, 1], got ", t);
   TORCH_CHECK_VALUE(dot_threshold >= 0.0 && dot_threshold < 1.0,
@@ -61,36 +65,64 @@ inline SlerpParams slerp_params(double t, double dot_threshold, double eps) {
   return {static_cast<float>(t), static_cast<float>(dot_threshold), static_cast<float>(eps)};
 }
 
-// The kernel contract is contiguous memory; the ops accept any strides and copy only if needed.
-using SlerpKernel = void (*)(const at::Tensor&, const at::Tensor&, at::Tensor&,
-                             const SlerpParams&);
-
-template <SlerpKernel kernel>
-at::Tensor slerp_op(const at::Tensor& a, const at::Tensor& b, double t, double dot_threshold,
-                    double eps) {
-  check_slerp_inputs(a, b, t, dot_threshold, eps);
-  const at::Tensor a_c = a.contiguous();
-  const at::Tensor b_c = b.contiguous();
-  at::Tensor out = at::empty_like(a_c, at::MemoryFormat::Contiguous);
-  kernel(a_c, b_c, out, slerp_params(t, dot_threshold, eps));
-  return out;
+inline void check_slerp_sums(const at::Tensor& a, const at::Tensor& sums) {
+  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble,
+                   "dafast.slerp: sums must be float64 (from slerp_sums), got ",
+                   dtype_name(sums.scalar_type()));
+  TORCH_CHECK_VALUE(sums.dim() == 1 && sums.size(0) == 3,
+                    "dafast.slerp: sums must have shape [3] (|a|^2, |b|^2, a.b), got ", sums.sizes());
+  TORCH_CHECK_VALUE(sums.device() == a.device(), "dafast.slerp: sums must be on ", a.device(),
+                    ", got ", sums.device());
 }
 
-template <SlerpKernel kernel>
-void slerp_out_op(const at::Tensor& a, const at::Tensor& b, double t, double dot_threshold,
-                  double eps, const at::Tensor& out) {
-  check_slerp_inputs(a, b, t, dot_threshold, eps);
-  check_slerp_out(a, b, out);
-  const at::Tensor a_c = a.contiguous();
-  const at::Tensor b_c = b.contiguous();
-  if (out.is_contiguous()) {
-    at::Tensor target = out;
-    kernel(a_c, b_c, target, slerp_params(t, dot_threshold, eps));
-  } else {
-    at::Tensor target = at::empty_like(a_c, at::MemoryFormat::Contiguous);
-    kernel(a_c, b_c, target, slerp_params(t, dot_threshold, eps));
-    out.copy_(target);
+// A device's two SLERP passes, on contiguous tensors: the reduction into float64 [3] sums on
+// the tensors' device, and the write of out from such sums.
+using SlerpSumsKernel = void (*)(const at::Tensor& a, const at::Tensor& b, at::Tensor& sums);
+using SlerpWriteKernel = void (*)(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sums,
+                                  at::Tensor& out, const SlerpParams& params);
+
+// The ops' bodies, shared by the devices: checks, any strides in (copied only if needed),
+// then the device's two passes.
+template <SlerpSumsKernel sums_kernel, SlerpWriteKernel write_kernel>
+struct SlerpOps {
+  static at::Tensor sums(const at::Tensor& a, const at::Tensor& b) {
+    check_slerp_pair(a, b);
+    at::Tensor result = at::empty({3}, a.options().dtype(at::kDouble));
+    sums_kernel(a.contiguous(), b.contiguous(), result);
+    return result;
   }
-}
+
+  static at::Tensor slerp(const at::Tensor& a, const at::Tensor& b, double t,
+                          double dot_threshold, double eps) {
+    check_slerp_inputs(a, b, t, dot_threshold, eps);
+    const at::Tensor a_c = a.contiguous();
+    const at::Tensor b_c = b.contiguous();
+    at::Tensor sums = at::empty({3}, a.options().dtype(at::kDouble));
+    sums_kernel(a_c, b_c, sums);
+    at::Tensor out = at::empty_like(a_c, at::MemoryFormat::Contiguous);
+    write_kernel(a_c, b_c, sums, out, slerp_params(t, dot_threshold, eps));
+    return out;
+  }
+
+  static void slerp_out(const at::Tensor& a, const at::Tensor& b, double t, double dot_threshold,
+                        double eps, const std::optional<at::Tensor>& given_sums,
+                        const at::Tensor& out) {
+    check_slerp_inputs(a, b, t, dot_threshold, eps);
+    check_slerp_out(a, b, out);
+    const at::Tensor a_c = a.contiguous();
+    const at::Tensor b_c = b.contiguous();
+    at::Tensor sums;
+    if (given_sums.has_value()) {
+      check_slerp_sums(a, *given_sums);
+      sums = given_sums->contiguous();
+    } else {
+      sums = at::empty({3}, a.options().dtype(at::kDouble));
+      sums_kernel(a_c, b_c, sums);
+    }
+    at::Tensor target = out.is_contiguous() ? out : at::empty_like(a_c, at::MemoryFormat::Contiguous);
+    write_kernel(a_c, b_c, sums, target, slerp_params(t, dot_threshold, eps));
+    if (!target.is_same(out)) out.copy_(target);
+  }
+};
 
 }  // namespace dafast

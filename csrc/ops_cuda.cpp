@@ -30,19 +30,34 @@ int blocks_to_fill_device(int device) {
   return sms * 8;
 }
 
-void slerp_cuda_kernel(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
-                       const SlerpParams& params) {
+void check_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "dafast.slerp: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void slerp_sums_into_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& sums) {
   TORCH_CHECK_VALUE(a.is_cuda(), "dafast.slerp: expected CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
   const int max_blocks = blocks_to_fill_device(a.get_device());
   at::Tensor workspace = at::zeros({static_cast<int64_t>(slerp_cuda_workspace_bytes(max_blocks))},
                                    a.options().dtype(at::kByte));
-  const cudaError_t err =
-      slerp_cuda(kernel_dtype(a.scalar_type()), a.const_data_ptr(), b.const_data_ptr(),
-                 out.mutable_data_ptr(), a.numel(), params, workspace.mutable_data_ptr(),
-                 max_blocks, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dafast.slerp: CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(slerp_cuda_sums(kernel_dtype(a.scalar_type()), a.const_data_ptr(),
+                               b.const_data_ptr(), a.numel(), sums.mutable_data_ptr<double>(),
+                               workspace.mutable_data_ptr(), max_blocks,
+                               c10::cuda::getCurrentCUDAStream()));
 }
+
+void slerp_write_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sums,
+                      at::Tensor& out, const SlerpParams& params) {
+  TORCH_CHECK_VALUE(a.is_cuda(), "dafast.slerp: expected CUDA tensors, got ", a.device());
+  const c10::cuda::CUDAGuard guard(a.device());
+  check_launch(slerp_cuda_write(kernel_dtype(a.scalar_type()), a.const_data_ptr(),
+                                b.const_data_ptr(), out.mutable_data_ptr(), a.numel(),
+                                sums.const_data_ptr<double>(), params,
+                                blocks_to_fill_device(a.get_device()),
+                                c10::cuda::getCurrentCUDAStream()));
+}
+
+using SlerpCuda = SlerpOps<slerp_sums_into_cuda, slerp_write_cuda>;
 
 }  // namespace
 
@@ -51,6 +66,7 @@ int cuda_runtime_version_built() { return CUDART_VERSION; }
 }  // namespace dafast
 
 TORCH_LIBRARY_IMPL(dafast, CUDA, m) {
-  m.impl("slerp", &dafast::slerp_op<dafast::slerp_cuda_kernel>);
-  m.impl("slerp_out", &dafast::slerp_out_op<dafast::slerp_cuda_kernel>);
+  m.impl("slerp", &dafast::SlerpCuda::slerp);
+  m.impl("slerp_out", &dafast::SlerpCuda::slerp_out);
+  m.impl("slerp_sums", &dafast::SlerpCuda::sums);
 }

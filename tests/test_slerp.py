@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import dafast
-from dafast.ops import slerp, slerp_reference
+from dafast.ops import slerp, slerp_reference, slerp_sums
+from dafast.ops.slerp import slerp_sums_reference
 from conftest import DEVICES, KERNEL_DTYPES
 
 SIZES = [1, 7, 4097, (1 << 20) + 3]
@@ -196,6 +197,51 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(torch.ops.dafast.slerp.default, (a, b, 0.3, 0.9995, 1e-8))
     torch.library.opcheck(torch.ops.dafast.slerp_out.default, (a, b, 0.3, 0.9995, 1e-8),
                           {"out": torch.empty_like(a)})
+    sums = torch.ops.dafast.slerp_sums(a, b)
+    torch.library.opcheck(torch.ops.dafast.slerp_sums.default, (a, b))
+    torch.library.opcheck(torch.ops.dafast.slerp_out.default, (a, b, 0.3, 0.9995, 1e-8),
+                          {"sums": sums, "out": torch.empty_like(a)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_sums_match_float64(device, dtype):
+    a, b = pair(4097, dtype, device)
+    a[0] = 0.0
+    expected = slerp_sums_reference(a, b)
+    assert expected.dtype == torch.float64 and expected.shape == (3,)
+    torch.testing.assert_close(slerp_sums(a, b), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("mode", ["native", "reference"])
+@pytest.mark.parametrize("rows_per_chunk", [16, 13])  # 16 x 1024 is one CPU block; 13 is not
+def test_chunked_equals_whole(device, dtype, mode, rows_per_chunk):
+    a = torch.randn(100, 1024, device=device).to(dtype)
+    b = torch.randn(100, 1024, device=device).to(dtype)
+    with dafast.kernels(mode):
+        whole = slerp(a, b, 0.3)
+        chunks = list(zip(a.split(rows_per_chunk), b.split(rows_per_chunk)))
+        sums = sum(slerp_sums(x, y) for x, y in chunks)
+        # fp32 block sums over another partition: equal to fp32 accumulation error
+        torch.testing.assert_close(sums, slerp_sums(a, b), rtol=1e-5, atol=0)
+        out = torch.empty_like(a)
+        for (x, y), o in zip(chunks, out.split(rows_per_chunk)):
+            assert slerp(x, y, 0.3, sums=sums, out=o) is o
+    assert_as_accurate_as_reference(out, a, b, 0.3)
+    if mode == "native" and device == "cpu" and rows_per_chunk == 16:
+        assert torch.equal(out, whole)  # block-aligned chunks: the same float sums, bit for bit
+
+
+@pytest.mark.parametrize("mode", ["native", "reference"])
+def test_bad_sums_are_refused(mode):
+    a, b = torch.randn(10), torch.randn(10)
+    with dafast.kernels(mode):
+        with pytest.raises(TypeError, match="sums must be float64"):
+            slerp(a, b, 0.5, sums=torch.zeros(3))
+        with pytest.raises(ValueError, match=r"sums must have shape \[3\]"):
+            slerp(a, b, 0.5, sums=torch.zeros(4, dtype=torch.float64))
 
 
 def test_compiles_without_graph_breaks():

@@ -8,7 +8,11 @@
 namespace dafast {
 
 // a, b, out: contiguous, same shape and floating dtype (fp32, fp16, bf16), on the CPU.
-void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+// The reduction pass: |a|^2, |b|^2 and a.b.
+SlerpSums slerp_sums_cpu(const at::Tensor& a, const at::Tensor& b);
+// The write pass: out = ca * a + cb * b with the coefficients from `sums` (of these or of
+// larger tensors that a, b are chunks of).
+void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const SlerpSums& sums,
                const SlerpParams& params);
 
 }  // namespace dafast

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "dafast/slerp.h"
@@ -77,7 +78,7 @@ DAFAST_MULTIVERSION void write_block(const T* a, const T* b, T* out, int64_t n, 
 constexpr int64_t kBlock = 1 << 14;
 
 template <typename T>
-void slerp_typed(const T* a, const T* b, T* out, int64_t n, const SlerpParams& params) {
+SlerpSums sums_typed(const T* a, const T* b, int64_t n) {
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
   std::vector<float> partial(3 * num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -92,8 +93,15 @@ void slerp_typed(const T* a, const T* b, T* out, int64_t n, const SlerpParams& p
     sums.bb += partial[3 * blk + 1];
     sums.ab += partial[3 * blk + 2];
   }
+  return sums;
+}
+
+template <typename T>
+void write_typed(const T* a, const T* b, T* out, int64_t n, const SlerpSums& sums,
+                 const SlerpParams& params) {
   float ca, cb;
   slerp_coefficients(sums, params, &ca, &cb);
+  const int64_t num_blocks = (n + kBlock - 1) / kBlock;
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t lo = blk * kBlock;
@@ -102,29 +110,35 @@ void slerp_typed(const T* a, const T* b, T* out, int64_t n, const SlerpParams& p
   });
 }
 
+// Calls fn with a null pointer of the storage type the kernels use for a's dtype, to pick T.
+template <typename Fn>
+auto visit_storage(const at::Tensor& a, Fn&& fn) {
+  switch (a.scalar_type()) {
+    case at::kFloat: return fn(static_cast<const float*>(nullptr));
+    case at::kBFloat16: return fn(static_cast<const BF16Bits*>(nullptr));
+    case at::kHalf: return fn(static_cast<const HalfStorage*>(nullptr));
+    default: TORCH_CHECK_TYPE(false, "dafast.slerp: unsupported dtype ", a.scalar_type());
+  }
+}
+
 }  // namespace
 
-void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out,
+SlerpSums slerp_sums_cpu(const at::Tensor& a, const at::Tensor& b) {
+  return visit_storage(a, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    return sums_typed(static_cast<const T*>(a.const_data_ptr()),
+                      static_cast<const T*>(b.const_data_ptr()), a.numel());
+  });
+}
+
+void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const SlerpSums& sums,
                const SlerpParams& params) {
-  const int64_t n = a.numel();
-  switch (a.scalar_type()) {
-    case at::kFloat:
-      slerp_typed(a.const_data_ptr<float>(), b.const_data_ptr<float>(),
-                  out.mutable_data_ptr<float>(), n, params);
-      break;
-    case at::kBFloat16:
-      slerp_typed(static_cast<const BF16Bits*>(a.const_data_ptr()),
-                  static_cast<const BF16Bits*>(b.const_data_ptr()),
-                  static_cast<BF16Bits*>(out.mutable_data_ptr()), n, params);
-      break;
-    case at::kHalf:
-      slerp_typed(static_cast<const HalfStorage*>(a.const_data_ptr()),
-                  static_cast<const HalfStorage*>(b.const_data_ptr()),
-                  static_cast<HalfStorage*>(out.mutable_data_ptr()), n, params);
-      break;
-    default:
-      TORCH_CHECK(false, "dafast.slerp: unsupported dtype ", a.scalar_type());
-  }
+  visit_storage(a, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    write_typed(static_cast<const T*>(a.const_data_ptr()),
+                static_cast<const T*>(b.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()),
+                a.numel(), sums, params);
+  });
 }
 
 }  // namespace dafast

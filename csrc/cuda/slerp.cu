@@ -1,8 +1,9 @@
 // CUDA SLERP (see dafast/slerp.h for the math). Two launches on one stream, no host sync:
 //   1. slerp_reduce_kernel: each block folds |a|^2, |b|^2 and a.b over a grid-stride range
 //      in fp32 and stores its partial sums; the last block to finish adds the partials in
-//      block order in double (deterministic for a given grid) and writes the two coefficients.
-//   2. slerp_write_kernel: out = ca * a + cb * b, 16-byte vector loads and stores.
+//      block order in double (deterministic for a given grid) and writes the three sums.
+//   2. slerp_write_kernel: each block derives the coefficients from the sums, then
+//      out = ca * a + cb * b with 16-byte vector loads and stores.
 // Raw pointers and cudaStream_t only: nvcc compiles this file without torch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -51,26 +52,22 @@ __device__ Acc block_sum(Acc value, Acc* scratch) {
   return value;
 }
 
-// Workspace layout: [3 * max_blocks doubles of partial sums][2 float coefficients][uint counter].
+// Workspace layout: [3 * max_blocks doubles of partial sums][uint counter of finished blocks].
 struct Workspace {
   double* partial;
-  float* coef;
   unsigned int* blocks_done;
 };
 
 Workspace carve(void* base, int max_blocks) {
   char* p = static_cast<char*>(base);
-  Workspace ws;
-  ws.partial = reinterpret_cast<double*>(p);
-  ws.coef = reinterpret_cast<float*>(p + sizeof(double) * 3 * max_blocks);
-  ws.blocks_done = reinterpret_cast<unsigned int*>(ws.coef + 2);
-  return ws;
+  return Workspace{reinterpret_cast<double*>(p),
+                   reinterpret_cast<unsigned int*>(p + sizeof(double) * 3 * max_blocks)};
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
-                    SlerpParams params, Workspace ws) {
+slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, Workspace ws,
+                    double* __restrict__ sums_out) {
   float aa = 0.f, bb = 0.f, ab = 0.f;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -119,7 +116,7 @@ slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
   }
   for (int k = 0; k < 3; ++k) sums[k] = block_sum(sums[k], scratch_d);
   if (threadIdx.x == 0) {
-    slerp_coefficients(SlerpSums{sums[0], sums[1], sums[2]}, params, &ws.coef[0], &ws.coef[1]);
+    for (int k = 0; k < 3; ++k) sums_out[k] = sums[k];
     *ws.blocks_done = 0;  // leave the workspace reusable
   }
 }
@@ -127,7 +124,12 @@ slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 slerp_write_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
-                   int64_t n, const float* __restrict__ coef) {
+                   int64_t n, const double* __restrict__ sums, SlerpParams params) {
+  __shared__ float coef[2];
+  if (threadIdx.x == 0) {
+    slerp_coefficients(SlerpSums{sums[0], sums[1], sums[2]}, params, &coef[0], &coef[1]);
+  }
+  __syncthreads();
   const float ca = coef[0], cb = coef[1];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -147,35 +149,57 @@ slerp_write_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restri
   }
 }
 
+int grid_size(int64_t n, int elements_per_thread, int max_blocks) {
+  const int64_t wanted = (n + int64_t(kThreads) * elements_per_thread - 1) /
+                         (int64_t(kThreads) * elements_per_thread);
+  return static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
+}
+
 template <typename T>
-cudaError_t launch(const void* a, const void* b, void* out, int64_t n, SlerpParams params,
-                   void* workspace, int max_blocks, cudaStream_t stream) {
+cudaError_t launch_sums(const void* a, const void* b, int64_t n, double* sums, void* workspace,
+                        int max_blocks, cudaStream_t stream) {
+  if (n == 0) return cudaMemsetAsync(sums, 0, 3 * sizeof(double), stream);
+  slerp_reduce_kernel<T><<<grid_size(n, Pack<T>::kSize, max_blocks), kThreads, 0, stream>>>(
+      static_cast<const T*>(a), static_cast<const T*>(b), n, carve(workspace, max_blocks), sums);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_write(const void* a, const void* b, void* out, int64_t n, const double* sums,
+                         SlerpParams params, int max_blocks, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int64_t packs = (n + Pack<T>::kSize - 1) / Pack<T>::kSize;
-  const int64_t wanted = (packs + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
-  const Workspace ws = carve(workspace, max_blocks);
-  slerp_reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(a),
-                                                          static_cast<const T*>(b), n, params, ws);
-  slerp_write_kernel<T><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), n, ws.coef);
+  slerp_write_kernel<T><<<grid_size(n, Pack<T>::kSize, max_blocks), kThreads, 0, stream>>>(
+      static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), n, sums, params);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 size_t slerp_cuda_workspace_bytes(int max_blocks) {
-  return sizeof(double) * 3 * static_cast<size_t>(max_blocks) + 2 * sizeof(float) +
-         sizeof(unsigned int);
+  return sizeof(double) * 3 * static_cast<size_t>(max_blocks) + sizeof(unsigned int);
 }
 
-cudaError_t slerp_cuda(DType dtype, const void* a, const void* b, void* out, int64_t n,
-                       SlerpParams params, void* workspace, int max_blocks, cudaStream_t stream) {
+cudaError_t slerp_cuda_sums(DType dtype, const void* a, const void* b, int64_t n, double* sums,
+                            void* workspace, int max_blocks, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return launch<float>(a, b, out, n, params, workspace, max_blocks, stream);
-    case DType::kFloat16: return launch<__half>(a, b, out, n, params, workspace, max_blocks, stream);
+    case DType::kFloat32: return launch_sums<float>(a, b, n, sums, workspace, max_blocks, stream);
+    case DType::kFloat16: return launch_sums<__half>(a, b, n, sums, workspace, max_blocks, stream);
     case DType::kBFloat16:
-      return launch<__nv_bfloat16>(a, b, out, n, params, workspace, max_blocks, stream);
+      return launch_sums<__nv_bfloat16>(a, b, n, sums, workspace, max_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t slerp_cuda_write(DType dtype, const void* a, const void* b, void* out, int64_t n,
+                             const double* sums, SlerpParams params, int max_blocks,
+                             cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_write<float>(a, b, out, n, sums, params, max_blocks, stream);
+    case DType::kFloat16:
+      return launch_write<__half>(a, b, out, n, sums, params, max_blocks, stream);
+    case DType::kBFloat16:
+      return launch_write<__nv_bfloat16>(a, b, out, n, sums, params, max_blocks, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -14,7 +14,12 @@ the reference alike. A merge must never turn a corrupt tensor into plausible num
 that want to name the bad tensor check `out.isnan().any()` or their inputs.
 
 The native kernels (csrc/cpu/slerp.cpp, csrc/cuda/slerp.cu) take two passes: one fused
-reduction for |a|^2, |b|^2 and a.b, and one write.
+reduction for |a|^2, |b|^2 and a.b, and one write. Both passes are ops of their own, so a tensor
+too large to hold at once is merged in chunks: the sums of the chunks add up to the whole
+tensor's, and each chunk is then written with the whole tensor's sums:
+
+    sums = sum(slerp_sums(a_i, b_i) for a_i, b_i in chunks)
+    for a_i, b_i, out_i in chunks: slerp(a_i, b_i, t, sums=sums, out=out_i)
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: flo
         raise ValueError(f"dafast.slerp: dot_threshold must be in [0, 1), got {dot_threshold}")
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"dafast.slerp: eps must be in [0, 1), got {eps}")
+
+
+def _check_sums(a: torch.Tensor, sums: torch.Tensor) -> None:
+    if sums.dtype != torch.float64:
+        raise TypeError(f"dafast.slerp: sums must be float64 (from slerp_sums), got {sums.dtype}")
+    if sums.shape != (3,):
+        raise ValueError(f"dafast.slerp: sums must have shape [3] (|a|^2, |b|^2, a.b), got {list(sums.shape)}")
+    if sums.device != a.device:
+        raise ValueError(f"dafast.slerp: sums must be on {a.device}, got {sums.device}")
 
 
 def _check_out(a: torch.Tensor, out: torch.Tensor) -> None:
@@ -80,22 +94,66 @@ def slerp_reference(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: f
     return (coef_x * x + coef_y * y).to(a.dtype).reshape(a.shape)
 
 
+def slerp_sums_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[*], [*] -> float64 [3]: |a|^2, |b|^2 and a.b, accumulated in float64."""
+    _check_inputs(a, b, 0.0, 0.0, 0.0, allow_float64=True)
+    x = a.reshape(-1).double()
+    y = b.reshape(-1).double()
+    return torch.stack([x.dot(x), y.dot(y), x.dot(y)])
+
+
+def slerp_from_sums_reference(a: torch.Tensor, b: torch.Tensor, sums: torch.Tensor, t: float,
+                              dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """SLERP of a and b (or chunks of larger tensors) with the coefficients from `sums`, the
+    float64 [|a|^2, |b|^2, a.b] of the whole tensors; the math of csrc/include/dafast/slerp.h."""
+    _check_inputs(a, b, t, dot_threshold, eps, allow_float64=True)
+    _check_sums(a, sums)
+    aa, bb, ab = sums.unbind()
+    norm_a = torch.where(aa.sqrt() > eps, aa.sqrt(), 1.0)
+    norm_b = torch.where(bb.sqrt() > eps, bb.sqrt(), 1.0)
+    dot = (ab / (norm_a * norm_b)).clamp(-1.0, 1.0)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0.0, dot))
+    coef_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / torch.sin(theta))
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
+    finite = sums.isfinite().all()  # the NaN policy: non-finite sums poison the output
+    coef_a, coef_b = (torch.where(finite, c, float("nan")).float() for c in (coef_a, coef_b))
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (coef_a * a.to(acc) + coef_b * b.to(acc)).to(a.dtype)
+
+
+def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The reduction pass alone: [*], [*] -> float64 [3] on a's device (|a|^2, |b|^2, a.b).
+    Sums of chunks add up to the sums of the whole; pass them to slerp(..., sums=)."""
+    if use_native():
+        return torch.ops.dafast.slerp_sums(a, b)
+    _check_inputs(a, b, 0.0, 0.0, 0.0)
+    return slerp_sums_reference(a, b)
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,
-          eps: float = 1e-8, *, out: torch.Tensor | None = None) -> torch.Tensor:
+          eps: float = 1e-8, *, sums: torch.Tensor | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """SLERP of two whole tensors on dafast's kernel (see the module docstring).
 
     a, b: [*] tensors of one shape, dtype (float32, float16, bfloat16) and device; any strides.
+    sums: optional float64 [3] from slerp_sums over the whole tensors that a and b are chunks of.
     out: optional [*] tensor of a's dtype and device, written in place and returned; it must not
     overlap a or b. Streaming merges pass it to write straight into an output buffer.
     """
     t, dot_threshold, eps = float(t), float(dot_threshold), float(eps)
     if use_native():
-        if out is None:
+        if out is None and sums is None:
             return torch.ops.dafast.slerp(a, b, t, dot_threshold, eps)
-        torch.ops.dafast.slerp_out(a, b, t, dot_threshold, eps, out=out)
+        if out is None:
+            out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        torch.ops.dafast.slerp_out(a, b, t, dot_threshold, eps, sums=sums, out=out)
         return out
     _check_inputs(a, b, t, dot_threshold, eps)
-    result = slerp_reference(a, b, t, dot_threshold, eps)
+    if sums is None:
+        result = slerp_reference(a, b, t, dot_threshold, eps)
+    else:
+        result = slerp_from_sums_reference(a, b, sums, t, dot_threshold, eps)
     if out is None:
         return result
     _check_out(a, out)
@@ -110,6 +168,13 @@ if extension_loaded():
         return a.new_empty(a.shape)
 
     @torch.library.register_fake("dafast::slerp_out")
-    def _slerp_out_fake(a, b, t, dot_threshold=0.9995, eps=1e-8, *, out):
+    def _slerp_out_fake(a, b, t, dot_threshold=0.9995, eps=1e-8, *, sums=None, out):
         _check_inputs(a, b, t, dot_threshold, eps)
         _check_out(a, out)
+        if sums is not None:
+            _check_sums(a, sums)
+
+    @torch.library.register_fake("dafast::slerp_sums")
+    def _slerp_sums_fake(a, b):
+        _check_inputs(a, b, 0.0, 0.0, 0.0)
+        return a.new_empty(3, dtype=torch.float64)

@@ -8,13 +8,19 @@
 
 namespace dafast {
 
-// Bytes of zero-initialised device workspace slerp_cuda() needs for `max_blocks` reduction blocks.
+// Bytes of zero-initialised device workspace slerp_cuda_sums() needs for `max_blocks` blocks.
 size_t slerp_cuda_workspace_bytes(int max_blocks);
 
-// out[i] = ca * a[i] + cb * b[i] over n contiguous elements of `dtype`, all on `stream`, with no
-// host synchronisation: the coefficients are computed on the device by the last reduction block.
-// `workspace` must hold slerp_cuda_workspace_bytes(max_blocks) zeroed bytes.
-cudaError_t slerp_cuda(DType dtype, const void* a, const void* b, void* out, int64_t n,
-                       SlerpParams params, void* workspace, int max_blocks, cudaStream_t stream);
+// The reduction pass: sums[0..2] = |a|^2, |b|^2, a.b over n contiguous elements of `dtype`,
+// written on the device by the last block to finish. `workspace` must hold
+// slerp_cuda_workspace_bytes(max_blocks) zeroed bytes; the kernel leaves them zeroed.
+cudaError_t slerp_cuda_sums(DType dtype, const void* a, const void* b, int64_t n, double* sums,
+                            void* workspace, int max_blocks, cudaStream_t stream);
+
+// The write pass: out[i] = ca * a[i] + cb * b[i], the coefficients derived on the device from
+// `sums` (device memory). Both passes are asynchronous on `stream`: no host synchronisation.
+cudaError_t slerp_cuda_write(DType dtype, const void* a, const void* b, void* out, int64_t n,
+                             const double* sums, SlerpParams params, int max_blocks,
+                             cudaStream_t stream);
 
 }  // namespace dafast
