@@ -54,14 +54,23 @@ def checkpoints():
     return a, b
 
 
+# A child's ru_maxrss counts the pages it shared with its parent at fork time, so the command is
+# forked by this small fresh process rather than by the (large) pytest process.
+PEAK_RSS = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run(command: list[str]) -> float:
-    """Run to completion; return the child's peak RSS in MB (its own, via wait4)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{command[:3]} failed: {process.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024
+    """Run to completion; return the command's own peak RSS in MB."""
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed: {done.stderr[-2000:]}")
+    return int(done.stdout.split()[-1]) / 1024
 
 
 def _bench(benchmark, role: str, command: list[str], out: Path, **info):

@@ -7,13 +7,13 @@ Every op in dafast.ops has a pure-PyTorch reference next to its native kernel. W
     DAFAST_KERNELS=native     the native kernels; an error if the extension is missing
     DAFAST_KERNELS=reference  the references everywhere
 
-and `with dafast.kernels("reference"): ...` overrides it for a block of code (thread-local).
+and `with dafast.kernels("reference"): ...` overrides it for a block of code (process-wide, like
+torch's backend flags).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import os
 import warnings
@@ -30,9 +30,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     _load_error = exc
 
-_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "dafast_kernels", default=None
-)
+# A plain global rather than a ContextVar: torch.compile traces (and guards on) globals, and
+# cannot trace ContextVar.get.
+_mode_override: str | None = None
 _warned = False
 
 
@@ -48,7 +48,7 @@ def build_info() -> dict:
 
 
 def kernel_mode() -> str:
-    mode = _mode_override.get() or os.environ.get("DAFAST_KERNELS", "auto").strip().lower()
+    mode = _mode_override or os.environ.get("DAFAST_KERNELS", "auto").strip().lower()
     if mode not in MODES:
         raise ValueError(f"DAFAST_KERNELS must be one of {', '.join(MODES)}; got {mode!r}")
     return mode
@@ -59,16 +59,14 @@ def kernels(mode: str) -> Iterator[None]:
     """Run the enclosed code on the native kernels or on the references: kernels("reference")."""
     if mode not in MODES:
         raise ValueError(f"kernels() takes one of {', '.join(MODES)}; got {mode!r}")
-    token = _mode_override.set(mode)
+    global _mode_override
+    previous, _mode_override = _mode_override, mode
     try:
         yield
     finally:
-        _mode_override.reset(token)
+        _mode_override = previous
 
 
-# torch.compile evaluates this once while tracing (Dynamo cannot trace ContextVar), so a compiled
-# function keeps the kernels it was compiled with; compile again after switching.
-@torch.compiler.assume_constant_result
 def use_native() -> bool:
     """Whether ops should call torch.ops.dafast.* (True) or their references (False)."""
     global _warned
