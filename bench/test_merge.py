@@ -93,6 +93,14 @@ def test_dafast(benchmark, checkpoints):
                                  str(ROOT / "out-dafast"), "--overwrite"], ROOT / "out-dafast")
 
 
+def test_dafast_fsync(benchmark, checkpoints):
+    """With --fsync: waits for the disk, like the I/O floor (mergekit does not)."""
+    a, b = checkpoints
+    _bench(benchmark, "dafast-fsync", [sys.executable, "-m", "dafast.merge", str(_config(a, b, LAYERS)),
+                                       str(ROOT / "out-dafast-fsync"), "--overwrite", "--fsync"],
+           ROOT / "out-dafast-fsync")
+
+
 def test_dafast_half_depth(benchmark, checkpoints):
     a, b = checkpoints
     benchmark.group = GROUP + " (half depth, memory)"

@@ -31,12 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where the kernels run: cpu or cuda")
     parser.add_argument("--shard-size", default=str(DEFAULT_SHARD_BYTES), type=parse_size,
                         help="largest output shard, e.g. 5GB or 500MB (default: 5GB)")
+    parser.add_argument("--fsync", action="store_true",
+                        help="wait until the output is on disk before renaming it into place")
     parser.add_argument("--chunk-elements", type=int, default=DEFAULT_CHUNK_ELEMENTS,
                         help="elements per streamed chunk; bounds memory (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         summary = merge(args.config, args.out_dir, overwrite=args.overwrite, device=args.device,
-                        shard_bytes=args.shard_size, chunk_elements=args.chunk_elements)
+                        shard_bytes=args.shard_size, chunk_elements=args.chunk_elements,
+                        fsync=args.fsync)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"dafast.merge: error: {exc}", file=sys.stderr)
         return 2

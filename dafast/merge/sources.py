@@ -53,6 +53,7 @@ class Checkpoint:
         """Rows [r0, r1) as a flat tensor in the stored dtype: a view of the mapped file."""
         entry = self.entries[name]
         _, row_len = row_layout(entry.shape)
+        self.files.populate(entry, r0 * row_len, (r1 - r0) * row_len)
         return self.files.view(entry)[r0 * row_len:r1 * row_len]
 
     def release(self, name: str, r0: int, r1: int) -> None:
