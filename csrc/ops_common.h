@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <optional>
+
 #include "dafast/slerp.h"
 
 namespace dafast {

@@ -305,3 +305,15 @@ def test_embedded_model_with_a_perturbed_copy(tmp_path):
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_merge_on_cuda_matches_cpu(tmp_path):
+    a, b = tiny_llama(tmp_path / "a", 0), tiny_llama(tmp_path / "b", 1)
+    config = {**PAPER, "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}]}
+    merge(config, tmp_path / "cpu", chunk_elements=1000)
+    merge(config, tmp_path / "cuda", device="cuda", chunk_elements=1000)
+    cpu, cuda = tensors(tmp_path / "cpu"), tensors(tmp_path / "cuda")
+    for name in cpu:
+        torch.testing.assert_close(cuda[name].float(), cpu[name].float(), atol=1e-6, rtol=2 ** -7)
