@@ -19,11 +19,21 @@ TORCH_LIBRARY(dafast, m) {
   // wrapper returns `out`.
   m.def("slerp_out(Tensor a, Tensor b, float t, float dot_threshold=0.9995, float eps=1e-08, *, "
         "Tensor(a!) out) -> ()");
+  // y = x W^T + b + scale (x A^T) B^T. Also returns xa = x A^T, which the autograd formula saves
+  // instead of recomputing it; the Python wrapper dafast.ops.lora_linear returns y only.
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scale) -> (Tensor, Tensor)");
+  // Gradients for (x, lora_a, lora_b), each computed only where output_mask says so (else None).
+  m.def("lora_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor lora_a, "
+        "Tensor lora_b, Tensor? xa, float scale, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
 }
 
 TORCH_LIBRARY_IMPL(dafast, CPU, m) {
   m.impl("slerp", &dafast::slerp_op<dafast::slerp_cpu>);
   m.impl("slerp_out", &dafast::slerp_out_op<dafast::slerp_cpu>);
+  m.impl("lora_linear", &dafast::lora_linear_op<dafast::lora_linear_forward_cpu>);
+  m.impl("lora_linear_backward",
+         &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cpu>);
 }
 
 namespace {

@@ -1,0 +1,119 @@
+// CPU LoRA linear (see dafast/lora.h for the math): ATen GEMMs over blocks of rows.
+//
+// Every GEMM runs in fp32 (fp64 for fp64 inputs), whatever the storage dtype: on CPUs without
+// bf16/fp16 matrix instructions ATen's half-precision GEMMs are 5-50x slower than converting to
+// fp32, and fp32 accumulation is what PEFT's half-precision GEMMs promise anyway. The rows are
+// taken in blocks of about 2 MiB of fp32, so a block's converted x, y and dY stay in cache while
+// every product that needs them runs: the LoRA product is accumulated onto x W^T + b in the block
+// (addmm with beta = 1), each output row is written once, and in backward one block of dY feeds
+// dB, dXA and dx while one block of x feeds dA. MKL and ATen's conversions are already threaded
+// (OpenMP), so the block loop itself stays sequential.
+#include "cpu/kernels.h"
+
+#include <algorithm>
+
+namespace dafast {
+namespace {
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type ? t : t.to(type);
+}
+
+// Rows per block: about 2 MiB of fp32 for the wider of x and y, a multiple of 64.
+int64_t block_rows(const LoraShapes& s) {
+  const int64_t width = std::max<int64_t>(1, std::max(s.in_features, s.out_features));
+  return std::clamp<int64_t>((int64_t{1} << 19) / width / 64 * 64, 64, 1024);
+}
+
+// Scratch rows in the compute type for an output stored in another dtype; undefined when the
+// output already has the compute type and is written in place.
+at::Tensor scratch_for(const at::Tensor& t, int64_t rows, int64_t cols, at::ScalarType type) {
+  return t.scalar_type() == type ? at::Tensor() : at::empty({rows, cols}, t.options().dtype(type));
+}
+
+// Where a block of an output is computed: the output itself, or the first rows of its scratch.
+at::Tensor compute_view(const at::Tensor& dst, const at::Tensor& scratch, int64_t rows) {
+  return scratch.defined() ? scratch.narrow(0, 0, rows) : dst;
+}
+
+}  // namespace
+
+void lora_linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                             const at::Tensor& lora_b, double scale, const LoraShapes& s,
+                             at::Tensor& y, at::Tensor& xa) {
+  const at::ScalarType acc = compute_type(x);
+  const at::Tensor w = as_type(weight, acc), a = as_type(lora_a, acc), b = as_type(lora_b, acc);
+  const at::Tensor b0 = bias.has_value() ? as_type(*bias, acc) : at::Tensor();
+  const int64_t block = std::min(block_rows(s), std::max<int64_t>(s.rows, 1));
+  at::Tensor y_scratch = scratch_for(y, block, s.out_features, acc);
+  at::Tensor xa_scratch = scratch_for(xa, block, s.rank, acc);
+
+  for (int64_t m0 = 0; m0 < s.rows; m0 += block) {
+    const int64_t n = std::min(block, s.rows - m0);
+    const at::Tensor x_c = as_type(x.narrow(0, m0, n), acc);
+    at::Tensor xa_c = xa.narrow(0, m0, n);
+    at::Tensor xa_acc = compute_view(xa_c, xa_scratch, n);
+    at::mm_out(xa_acc, x_c, a.t());
+    if (!xa_acc.is_same(xa_c)) {
+      // Round xa to its storage dtype and use the rounded values below, as PEFT's lora_B does;
+      // backward then differentiates the function that was computed.
+      xa_c.copy_(xa_acc);
+      xa_acc.copy_(xa_c);
+    }
+    at::Tensor y_c = y.narrow(0, m0, n);
+    at::Tensor y_acc = compute_view(y_c, y_scratch, n);
+    if (b0.defined()) {
+      at::addmm_out(y_acc, b0, x_c, w.t());
+    } else {
+      at::mm_out(y_acc, x_c, w.t());
+    }
+    y_acc.addmm_(xa_acc, b.t(), /*beta=*/1.0, /*alpha=*/scale);
+    if (!y_acc.is_same(y_c)) y_c.copy_(y_acc);
+  }
+}
+
+void lora_linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                              const at::Tensor& weight, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                              const LoraShapes& s, at::Tensor& grad_x, at::Tensor& grad_a,
+                              at::Tensor& grad_b) {
+  const bool need_x = grad_x.defined(), need_a = grad_a.defined(), need_b = grad_b.defined();
+  const at::ScalarType acc = compute_type(grad_y);
+  const at::Tensor a = as_type(lora_a, acc), b = as_type(lora_b, acc);
+  const at::Tensor w = need_x ? as_type(weight, acc) : at::Tensor();
+  const int64_t block = std::min(block_rows(s), std::max<int64_t>(s.rows, 1));
+  const auto acc_options = grad_y.options().dtype(acc);
+
+  // dA and dB are sums over all rows: accumulated in the compute type, rounded once at the end.
+  at::Tensor da = need_a ? at::zeros({s.rank, s.in_features}, acc_options) : at::Tensor();
+  at::Tensor db = need_b ? at::zeros({s.out_features, s.rank}, acc_options) : at::Tensor();
+  at::Tensor dx_scratch = need_x ? scratch_for(grad_x, block, s.in_features, acc) : at::Tensor();
+  at::Tensor dxa = at::empty({block, s.rank}, acc_options);
+
+  for (int64_t m0 = 0; m0 < s.rows; m0 += block) {
+    const int64_t n = std::min(block, s.rows - m0);
+    const at::Tensor dy_c = as_type(grad_y.narrow(0, m0, n), acc);
+    if (need_b) db.addmm_(dy_c.t(), as_type(xa.narrow(0, m0, n), acc), 1.0, scale);
+    if (!need_x && !need_a) continue;
+    at::Tensor dxa_c = dxa.narrow(0, 0, n);
+    at::mm_out(dxa_c, dy_c, b);
+    dxa_c.mul_(scale);
+    if (need_a) da.addmm_(dxa_c.t(), as_type(x.narrow(0, m0, n), acc));
+    if (need_x) {
+      at::Tensor dx_c = grad_x.narrow(0, m0, n);
+      at::Tensor dx_acc = compute_view(dx_c, dx_scratch, n);
+      at::mm_out(dx_acc, dy_c, w);
+      dx_acc.addmm_(dxa_c, a);  // beta = 1: each row of dx is written once
+      if (!dx_acc.is_same(dx_c)) dx_c.copy_(dx_acc);
+    }
+  }
+  if (need_a) grad_a.copy_(da);
+  if (need_b) grad_b.copy_(db);
+}
+
+}  // namespace dafast
