@@ -1,13 +1,14 @@
-// CPU LoRA linear (see dafast/lora.h for the math): ATen GEMMs over blocks of rows.
+// CPU LoRA linear (see dafast/lora.h for the math): ATen GEMMs, the LoRA product accumulated
+// onto the base product in place (addmm with beta = 1), so each output row is written once.
 //
 // Every GEMM runs in fp32 (fp64 for fp64 inputs), whatever the storage dtype: on CPUs without
 // bf16/fp16 matrix instructions ATen's half-precision GEMMs are 5-50x slower than converting to
-// fp32, and fp32 accumulation is what PEFT's half-precision GEMMs promise anyway. The rows are
-// taken in blocks of about 2 MiB of fp32, so a block's converted x, y and dY stay in cache while
-// every product that needs them runs: the LoRA product is accumulated onto x W^T + b in the block
-// (addmm with beta = 1), each output row is written once, and in backward one block of dY feeds
-// dB, dXA and dx while one block of x feeds dA. MKL and ATen's conversions are already threaded
-// (OpenMP), so the block loop itself stays sequential.
+// fp32 first (measured on the AVX2 machine this was written on), and fp32 accumulation is what
+// PEFT's half-precision GEMMs promise anyway. Half inputs are converted in blocks of rows whose
+// fp32 copy stays under 64 MiB; one block of dY then feeds dB, dXA and dx, one block of x feeds
+// dA. fp32 inputs need no copy and run as one block: MKL is fastest on whole matrices (blocks of
+// a few hundred rows measured up to 2x slower). MKL and ATen's conversions are threaded (OpenMP),
+// so the block loop itself is sequential.
 #include "cpu/kernels.h"
 
 #include <algorithm>
@@ -23,10 +24,13 @@ at::Tensor as_type(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type ? t : t.to(type);
 }
 
-// Rows per block: about 2 MiB of fp32 for the wider of x and y, a multiple of 64.
-int64_t block_rows(const LoraShapes& s) {
+// Rows per block: all of them when nothing is converted, else as many as keep the fp32 copy of
+// the widest operand under 64 MiB.
+int64_t block_rows(const LoraShapes& s, bool converts) {
+  const int64_t rows = std::max<int64_t>(s.rows, 1);
+  if (!converts) return rows;
   const int64_t width = std::max<int64_t>(1, std::max(s.in_features, s.out_features));
-  return std::clamp<int64_t>((int64_t{1} << 19) / width / 64 * 64, 64, 1024);
+  return std::min(rows, std::max<int64_t>(256, (int64_t{1} << 24) / width));
 }
 
 // Scratch rows in the compute type for an output stored in another dtype; undefined when the
@@ -49,7 +53,7 @@ void lora_linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::ScalarType acc = compute_type(x);
   const at::Tensor w = as_type(weight, acc), a = as_type(lora_a, acc), b = as_type(lora_b, acc);
   const at::Tensor b0 = bias.has_value() ? as_type(*bias, acc) : at::Tensor();
-  const int64_t block = std::min(block_rows(s), std::max<int64_t>(s.rows, 1));
+  const int64_t block = block_rows(s, x.scalar_type() != acc);
   at::Tensor y_scratch = scratch_for(y, block, s.out_features, acc);
   at::Tensor xa_scratch = scratch_for(xa, block, s.rank, acc);
 
@@ -86,7 +90,7 @@ void lora_linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   const at::ScalarType acc = compute_type(grad_y);
   const at::Tensor a = as_type(lora_a, acc), b = as_type(lora_b, acc);
   const at::Tensor w = need_x ? as_type(weight, acc) : at::Tensor();
-  const int64_t block = std::min(block_rows(s), std::max<int64_t>(s.rows, 1));
+  const int64_t block = block_rows(s, grad_y.scalar_type() != acc);
   const auto acc_options = grad_y.options().dtype(acc);
 
   // dA and dB are sums over all rows: accumulated in the compute type, rounded once at the end.
