@@ -108,6 +108,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale = inputs
     _, xa = output
     ctx.mark_non_differentiable(xa)  # an internal by-product, saved for backward
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for xa on every backward
     # In setup_context torch.library's needs_input_grad has one more (internal) entry.
     _, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
     ctx.scale = scale
@@ -117,6 +118,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_xa):
+    if grad_y is None:  # y did not reach the loss
+        return None, None, None, None, None, None
     x, weight, lora_a, lora_b, xa = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     grad_x, grad_a, grad_b = torch.ops.dafast.lora_linear_backward(
