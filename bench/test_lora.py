@@ -73,16 +73,14 @@ def variants(layer, x):
 
 
 def saved_mib(forward, x, parameters):
-    """(all, beyond x) MiB of the activations `forward` saves for backward."""
+    """(all, beyond x) MiB of the activations `forward` saves for backward: the distinct storages
+    of its saved tensors, parameters' storages left out."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         forward()
-    storages = {}
-    for t in saved:
-        if any(t is p for p in parameters):
-            continue
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    total = sum(storages.values())
+    parameter_storages = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    total = sum(n for ptr, n in storages.items() if ptr not in parameter_storages)
     beyond_x = total - storages.get(x.untyped_storage().data_ptr(), 0)
     return round(total / 2**20, 2), round(beyond_x / 2**20, 2)
 

@@ -78,9 +78,10 @@ def _fallback_reason(layer, x: torch.Tensor | None = None, extra_args: bool = Fa
     if len(active) > 1:
         return "several active adapters"
     name = active[0]
-    if name in layer.lora_variant:
+    # getattr: attributes that older PEFT releases (within pyproject's range) may lack
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name):
         return "DoRA or another LoRA variant"
-    if layer.lora_bias.get(name, False):
+    if getattr(layer, "lora_bias", {}).get(name, False):
         return "lora_bias=True"
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, nn.Dropout):
@@ -108,7 +109,7 @@ def _fallback_reason(layer, x: torch.Tensor | None = None, extra_args: bool = Fa
     if x.dtype != w_dtype or layer.lora_B[name].weight.dtype != ab_dtype:
         return f"dtypes PEFT itself would not run (x {x.dtype}, weight {w_dtype})"
     if ab_dtype != x.dtype and not (ab_dtype == torch.float32 and x.dtype in _HALF
-                                    and layer.cast_input_dtype_enabled):
+                                    and getattr(layer, "cast_input_dtype_enabled", True)):
         return f"adapter dtype {ab_dtype} with input dtype {x.dtype}"
     return None
 
