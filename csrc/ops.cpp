@@ -22,6 +22,13 @@ TORCH_LIBRARY(dafast, m) {
         "Tensor? sums=None, Tensor(a!) out) -> ()");
   // The reduction pass alone: float64 [|a|^2, |b|^2, a.b]; sums of chunks add up.
   m.def("slerp_sums(Tensor a, Tensor b) -> Tensor");
+  // y = x W^T + b + scale (x A^T) B^T. Also returns xa = x A^T, which the autograd formula saves
+  // instead of recomputing it; the Python wrapper dafast.ops.lora_linear returns y only.
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scale) -> (Tensor, Tensor)");
+  // Gradients for (x, lora_a, lora_b), each computed only where output_mask says so (else None).
+  m.def("lora_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor lora_a, "
+        "Tensor lora_b, Tensor? xa, float scale, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
 }
 
 namespace dafast {
@@ -50,6 +57,9 @@ TORCH_LIBRARY_IMPL(dafast, CPU, m) {
   m.impl("slerp", &dafast::SlerpCpu::slerp);
   m.impl("slerp_out", &dafast::SlerpCpu::slerp_out);
   m.impl("slerp_sums", &dafast::SlerpCpu::sums);
+  m.impl("lora_linear", &dafast::lora_linear_op<dafast::lora_linear_forward_cpu>);
+  m.impl("lora_linear_backward",
+         &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cpu>);
 }
 
 namespace {

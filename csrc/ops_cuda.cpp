@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "dafast/lora_cuda.h"
 #include "dafast/slerp_cuda.h"
 #include "ops_common.h"
 
@@ -22,13 +23,15 @@ DType kernel_dtype(at::ScalarType type) {
   }
 }
 
-// Enough blocks of 256 threads to fill every SM (8 resident per SM); reductions store one
-// partial per block.
-int blocks_to_fill_device(int device) {
+int sm_count(int device) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms * 8;
+  return sms;
 }
+
+// Enough blocks of 256 threads to fill every SM (8 resident per SM); reductions store one
+// partial per block.
+int blocks_to_fill_device(int device) { return sm_count(device) * 8; }
 
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "dafast.slerp: CUDA launch failed: ", cudaGetErrorString(err));
@@ -59,6 +62,144 @@ void slerp_write_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 
 using SlerpCuda = SlerpOps<slerp_sums_into_cuda, slerp_write_cuda>;
 
+// ---- lora_linear ----------------------------------------------------------------------------
+// cuBLAS (through ATen) for the two big GEMMs, csrc/cuda/lora.cu for everything r-wide:
+//   forward:  xa = x A^T (thin kernel, row product), y = b + s xa B^T (expand kernel), then
+//             y += x W^T as a GEMM with beta = 1, so the LoRA term costs no extra pass over y.
+//   backward: one read of dY gives dB = s dY^T xa and dXA = s dY B (thin kernel, both products);
+//             one read of x gives dA = dXA^T x; dx = dXA A (expand), then dx += dY W (beta = 1).
+// The thin kernels were compiled, not run, when written (no GPU at hand): untuned.
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "dafast.lora_linear: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_lora_cuda(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "dafast.lora_linear: expected CUDA tensors, got ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble,
+                   "dafast.lora_linear: float64 is supported on the CPU only (for gradcheck), got "
+                   "a float64 tensor on ", x.device());
+}
+
+// Empty products (no rows, no in or no out features) are ATen's: nothing worth a kernel.
+bool is_degenerate(const LoraShapes& s) {
+  return s.rows == 0 || s.in_features == 0 || s.out_features == 0;
+}
+
+void lora_linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, double scale, const LoraShapes& s,
+                              at::Tensor& y, at::Tensor& xa) {
+  check_lora_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (is_degenerate(s)) {
+    const at::Tensor x32 = x.to(at::kFloat);
+    xa.copy_(at::mm(x32, lora_a.to(at::kFloat).t()));
+    at::Tensor y32 = at::mm(x32, weight.to(at::kFloat).t());
+    y32.addmm_(xa.to(at::kFloat), lora_b.to(at::kFloat).t(), 1.0, scale);
+    if (bias.has_value()) y32.add_(bias->to(at::kFloat));
+    y.copy_(y32);
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(x.get_device());
+  const at::Tensor a_t = lora_a.t().contiguous();  // [in, r]: Bm of the row product
+  const LoraThinPlan plan = lora_thin_plan(s.rows, s.in_features, s.rank, sms);
+  at::Tensor row_partial =
+      at::empty({plan.col_groups, s.rows, s.rank}, x.options().dtype(at::kFloat));
+  check_launch(lora_thin_products(plan, kernel_dtype(x.scalar_type()), x.const_data_ptr(), s.rows,
+                                  s.in_features, s.rank, DType::kFloat32, nullptr, nullptr,
+                                  kernel_dtype(a_t.scalar_type()), a_t.const_data_ptr(),
+                                  row_partial.mutable_data_ptr<float>(), stream),
+               "x A^T");
+  check_launch(lora_sum_partials(row_partial.const_data_ptr<float>(), plan.col_groups,
+                                 s.rows * s.rank, 1.0f, kernel_dtype(xa.scalar_type()),
+                                 xa.mutable_data_ptr(), stream),
+               "x A^T (sum)");
+  check_launch(lora_expand(kernel_dtype(xa.scalar_type()), xa.const_data_ptr(),
+                           kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(), s.rows,
+                           s.out_features, s.rank, static_cast<float>(scale),
+                           kernel_dtype(y.scalar_type()),
+                           bias.has_value() ? bias->const_data_ptr() : nullptr,
+                           y.mutable_data_ptr(), stream),
+               "b + s xa B^T");
+  y.addmm_(x, weight.t());  // cuBLAS with beta = 1: the base GEMM accumulates onto the LoRA term
+}
+
+void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                               const LoraShapes& s, at::Tensor& grad_x, at::Tensor& grad_a,
+                               at::Tensor& grad_b) {
+  check_lora_cuda(grad_y);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const bool need_x = grad_x.defined(), need_a = grad_a.defined(), need_b = grad_b.defined();
+  if (is_degenerate(s)) {
+    const at::Tensor dy = grad_y.to(at::kFloat);
+    const at::Tensor dxa = at::mm(dy, lora_b.to(at::kFloat)).mul_(scale);
+    if (need_b) grad_b.copy_(at::mm(dy.t(), xa.to(at::kFloat)).mul_(scale));
+    if (need_a) grad_a.copy_(at::mm(dxa.t(), x.to(at::kFloat)));
+    if (need_x) grad_x.copy_(at::addmm(at::mm(dy, weight.to(at::kFloat)), dxa, lora_a.to(at::kFloat)));
+    return;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int sms = sm_count(grad_y.get_device());
+  const auto f32 = grad_y.options().dtype(at::kFloat);
+
+  // One read of dY: column product with xa (dB), row product with B (dXA).
+  const LoraThinPlan plan = lora_thin_plan(s.rows, s.out_features, s.rank, sms);
+  at::Tensor col_partial = need_b ? at::empty({plan.splits, s.out_features, s.rank}, f32) : at::Tensor();
+  at::Tensor row_partial =
+      (need_x || need_a) ? at::empty({plan.col_groups, s.rows, s.rank}, f32) : at::Tensor();
+  check_launch(lora_thin_products(
+                   plan, kernel_dtype(grad_y.scalar_type()), grad_y.const_data_ptr(), s.rows,
+                   s.out_features, s.rank,
+                   need_b ? kernel_dtype(xa.scalar_type()) : DType::kFloat32,
+                   need_b ? xa.const_data_ptr() : nullptr,
+                   need_b ? col_partial.mutable_data_ptr<float>() : nullptr,
+                   kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(),
+                   row_partial.defined() ? row_partial.mutable_data_ptr<float>() : nullptr, stream),
+               "dY^T xa and dY B");
+  if (need_b) {
+    check_launch(lora_sum_partials(col_partial.const_data_ptr<float>(), plan.splits,
+                                   s.out_features * s.rank, static_cast<float>(scale),
+                                   kernel_dtype(grad_b.scalar_type()), grad_b.mutable_data_ptr(),
+                                   stream),
+                 "dB (sum)");
+  }
+  if (!need_x && !need_a) return;
+  at::Tensor dxa = at::empty({s.rows, s.rank}, f32);
+  check_launch(lora_sum_partials(row_partial.const_data_ptr<float>(), plan.col_groups,
+                                 s.rows * s.rank, static_cast<float>(scale), DType::kFloat32,
+                                 dxa.mutable_data_ptr(), stream),
+               "dXA (sum)");
+  if (need_a) {  // dA^T = x^T dXA: the column product over one read of x
+    const LoraThinPlan plan_x = lora_thin_plan(s.rows, s.in_features, s.rank, sms);
+    at::Tensor col_x = at::empty({plan_x.splits, s.in_features, s.rank}, f32);
+    check_launch(lora_thin_products(plan_x, kernel_dtype(x.scalar_type()), x.const_data_ptr(),
+                                    s.rows, s.in_features, s.rank, DType::kFloat32,
+                                    dxa.const_data_ptr(), col_x.mutable_data_ptr<float>(),
+                                    DType::kFloat32, nullptr, nullptr, stream),
+                 "x^T dXA");
+    at::Tensor grad_a_t = at::empty({s.in_features, s.rank}, lora_a.options());
+    check_launch(lora_sum_partials(col_x.const_data_ptr<float>(), plan_x.splits,
+                                   s.in_features * s.rank, 1.0f,
+                                   kernel_dtype(grad_a_t.scalar_type()),
+                                   grad_a_t.mutable_data_ptr(), stream),
+                 "dA (sum)");
+    grad_a.copy_(grad_a_t.t());
+  }
+  if (need_x) {  // dx = dXA A, then the GEMM accumulates dY W onto it (beta = 1)
+    const at::Tensor a_t = lora_a.t().contiguous();
+    check_launch(lora_expand(DType::kFloat32, dxa.const_data_ptr(),
+                             kernel_dtype(a_t.scalar_type()), a_t.const_data_ptr(), s.rows,
+                             s.in_features, s.rank, 1.0f, kernel_dtype(grad_x.scalar_type()),
+                             nullptr, grad_x.mutable_data_ptr(), stream),
+                 "dXA A");
+    grad_x.addmm_(grad_y, weight);
+  }
+}
+
 }  // namespace
 
 int cuda_runtime_version_built() { return CUDART_VERSION; }
@@ -69,4 +210,7 @@ TORCH_LIBRARY_IMPL(dafast, CUDA, m) {
   m.impl("slerp", &dafast::SlerpCuda::slerp);
   m.impl("slerp_out", &dafast::SlerpCuda::slerp_out);
   m.impl("slerp_sums", &dafast::SlerpCuda::sums);
+  m.impl("lora_linear", &dafast::lora_linear_op<dafast::lora_linear_forward_cuda>);
+  m.impl("lora_linear_backward",
+         &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cuda>);
 }

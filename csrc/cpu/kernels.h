@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
+#include "dafast/lora.h"
 #include "dafast/slerp.h"
 
 namespace dafast {
@@ -14,5 +17,20 @@ SlerpSums slerp_sums_cpu(const at::Tensor& a, const at::Tensor& b);
 // larger tensors that a, b are chunks of).
 void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const SlerpSums& sums,
                const SlerpParams& params);
+
+// x [M, in], y [M, out], xa [M, r] (x's or lora_a's dtype), all contiguous, on the CPU; the
+// inputs were checked by check_lora_inputs. Writes y and xa.
+void lora_linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                             const at::Tensor& lora_b, double scale, const LoraShapes& shapes,
+                             at::Tensor& y, at::Tensor& xa);
+
+// grad_y [M, out]; x [M, in] is read only for grad_a, xa [M, r] only for grad_b. Writes the
+// gradients that are defined (allocated by the caller, contiguous) and skips the others.
+void lora_linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                              const at::Tensor& weight, const at::Tensor& lora_a,
+                              const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+                              const LoraShapes& shapes, at::Tensor& grad_x, at::Tensor& grad_a,
+                              at::Tensor& grad_b);
 
 }  // namespace dafast

@@ -1,6 +1,7 @@
 """dafast's operators. Each module holds one op: its pure-PyTorch reference, the wrapper that
 calls torch.ops.dafast.<op>, its fake (meta) registration and, where it trains, its autograd."""
 
+from dafast.ops.lora import lora_linear, lora_linear_reference
 from dafast.ops.slerp import slerp, slerp_reference, slerp_sums
 
-__all__ = ["slerp", "slerp_reference", "slerp_sums"]
+__all__ = ["lora_linear", "lora_linear_reference", "slerp", "slerp_reference", "slerp_sums"]

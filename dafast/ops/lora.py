@@ -1,0 +1,152 @@
+"""lora_linear: a LoRA linear layer as one op, with PEFT's semantics.
+
+    y = x W^T + b + s (x A^T) B^T
+
+    x [*, in]   W [out, in]   b [out] or None   A [r, in]   B [out, r]   s: float  ->  y [*, out]
+
+dtypes, as peft.tuners.lora.layer.Linear computes them: W and b have x's dtype; A and B have
+x's dtype, or are float32 while x is bfloat16/float16 ("mixed precision": PEFT then casts x to
+float32 for the LoRA branch, adds the float32 LoRA product to the base output and casts the sum
+back). y always has x's dtype. float64 is accepted on the CPU (for gradcheck and golden values).
+
+Autograd: gradients for x, A and B. W and b are frozen in LoRA training; if they do require
+grad, their gradients are computed too (plain PyTorch, not fused). The forward saves only x and
+xa = x A^T (x only if A trains, xa only if B trains); dx is skipped when x needs no grad.
+
+The native kernels (csrc/cpu/lora.cpp, csrc/cuda/lora.cu + csrc/ops_cuda.cpp) accumulate the
+LoRA product onto the base GEMM's output, so y is written once, and compute in fp32: the result
+is PEFT's up to rounding (one rounding of the sum instead of PEFT's two, in half precision).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dafast._native import extension_loaded, use_native
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_inputs(x, weight, bias, lora_a, lora_b, scale) -> None:
+    """The checks of csrc/ops_common.h (check_lora_inputs), in order, with the same messages."""
+    if x.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"dafast.lora_linear: x must be float32, float16, bfloat16 or float64, "
+                        f"got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("dafast.lora_linear: x must be [..., in_features], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"dafast.lora_linear: weight must be 2-D [out_features, in_features], "
+                         f"got shape {list(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"dafast.lora_linear: in_features mismatch: x has shape {list(x.shape)} "
+                         f"but weight has shape {list(weight.shape)}")
+    if lora_a.dim() != 2 or lora_a.shape[1] != in_features or lora_a.shape[0] < 1:
+        raise ValueError(f"dafast.lora_linear: lora_a must be [r, in_features={in_features}], "
+                         f"got shape {list(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if lora_b.dim() != 2:
+        raise ValueError(f"dafast.lora_linear: lora_b must be 2-D [out_features, r], got shape "
+                         f"{list(lora_b.shape)}")
+    if lora_b.shape[1] != rank:
+        raise ValueError(f"dafast.lora_linear: rank mismatch: lora_a has shape "
+                         f"{list(lora_a.shape)} (r={rank}) but lora_b has shape "
+                         f"{list(lora_b.shape)} (r={lora_b.shape[1]})")
+    if lora_b.shape[0] != out_features:
+        raise ValueError(f"dafast.lora_linear: lora_b must be [out_features={out_features}, r], "
+                         f"got shape {list(lora_b.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"dafast.lora_linear: bias must be [out_features={out_features}], got "
+                         f"shape {list(bias.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"dafast.lora_linear: weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"dafast.lora_linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    if lora_b.dtype != lora_a.dtype:
+        raise TypeError(f"dafast.lora_linear: lora_a and lora_b must have the same dtype, got "
+                        f"{lora_a.dtype} and {lora_b.dtype}")
+    if not (lora_a.dtype == x.dtype or (lora_a.dtype == torch.float32 and x.dtype in _HALF)):
+        raise TypeError(f"dafast.lora_linear: lora_a and lora_b must have x's dtype {x.dtype} (or "
+                        f"torch.float32 when x is bfloat16 or float16), got {lora_a.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"dafast.lora_linear: {name} must be on x's device {x.device}, got "
+                             f"{t.device}")
+    if not math.isfinite(scale):
+        raise ValueError(f"dafast.lora_linear: scale must be finite, got {scale}")
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """PEFT's LoRA Linear forward, step for step (dropout 0, one adapter); autograd does backward.
+
+    x [*, in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [*, out]
+    in x's dtype. The tests and benchmarks use it as PEFT's semantics in a function.
+    """
+    _check_inputs(x, weight, bias, lora_a, lora_b, scale)
+    result = F.linear(x, weight, bias)
+    lora = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
+    return (result + lora).to(x.dtype)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y = x W^T + b + scale (x A^T) B^T on dafast's kernels (see the module docstring).
+
+    x [*, in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [*, out].
+    """
+    if use_native():
+        return torch.ops.dafast.lora_linear(x, weight, bias, lora_a, lora_b, float(scale))[0]
+    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale = inputs
+    _, xa = output
+    ctx.mark_non_differentiable(xa)  # an internal by-product, saved for backward
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for xa on every backward
+    # In setup_context torch.library's needs_input_grad has one more (internal) entry.
+    _, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_a, lora_b,
+                          xa if need_b else None)
+
+
+def _backward(ctx, grad_y, _grad_xa):
+    if grad_y is None:  # y did not reach the loss
+        return None, None, None, None, None, None
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_x, grad_a, grad_b = torch.ops.dafast.lora_linear_backward(
+        grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, [need_x, need_a, need_b])
+    # W and b are frozen in LoRA; should they train anyway, their gradients are still right.
+    grad_w = grad_bias = None
+    if need_w:
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("dafast::lora_linear")
+    def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
+        _check_inputs(x, weight, bias, lora_a, lora_b, scale)
+        y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+        xa = x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
+        return y, xa
+
+    @torch.library.register_fake("dafast::lora_linear_backward")
+    def _lora_linear_backward_fake(grad_y, x, weight, lora_a, lora_b, xa, scale, output_mask):
+        grad_x = grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1])) if output_mask[0] else None
+        grad_a = torch.empty_like(lora_a, memory_format=torch.contiguous_format) if output_mask[1] else None
+        grad_b = torch.empty_like(lora_b, memory_format=torch.contiguous_format) if output_mask[2] else None
+        return grad_x, grad_a, grad_b
+
+    torch.library.register_autograd("dafast::lora_linear", _backward, setup_context=_setup_context)
