@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include "dafast/linear_logprobs.h"
 #include "dafast/slerp.h"
 
 namespace dafast {
@@ -14,5 +15,9 @@ SlerpSums slerp_sums_cpu(const at::Tensor& a, const at::Tensor& b);
 // larger tensors that a, b are chunks of).
 void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const SlerpSums& sums,
                const SlerpParams& params);
+
+// Fold one fp32 logits tile (see dafast/linear_logprobs.h); rows run on ATen's thread pool.
+void linear_logprobs_forward_fold_cpu(const LogprobsForwardTile& tile);
+void linear_logprobs_backward_fold_cpu(const LogprobsBackwardTile& tile);
 
 }  // namespace dafast
