@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "linear_logprobs_op.h"
 #include "ops_common.h"
 
 #ifdef DAFAST_WITH_CUDA
@@ -29,6 +30,16 @@ TORCH_LIBRARY(dafast, m) {
   // Gradients for (x, lora_a, lora_b), each computed only where output_mask says so (else None).
   m.def("lora_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor lora_a, "
         "Tensor lora_b, Tensor? xa, float scale, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+  // Per-token log p(target | hidden) under the head `weight` without the [N, V] logits. Returns
+  // (logp [N], lse [N], stats [3, N] or [0, N]); stats rows: entropy, mean logit, target is
+  // top-1. Chunk sizes 0 pick the device's defaults. See dafast/ops/linear_logprobs.py.
+  m.def("linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, int ignore_index=-100, "
+        "int token_chunk=0, int vocab_chunk=0, bool with_stats=False) -> (Tensor, Tensor, Tensor)");
+  // Gradients of sum(grad_logp * logp) for hidden and weight; a gradient not asked for comes back
+  // as an empty tensor, and dW (the LoRA case: a frozen head) is then never computed.
+  m.def("linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, "
+        "Tensor lse, int ignore_index, int token_chunk, int vocab_chunk, bool hidden_grad, "
+        "bool weight_grad) -> (Tensor, Tensor)");
 }
 
 namespace dafast {
@@ -50,6 +61,15 @@ void slerp_write_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 
 using SlerpCpu = SlerpOps<slerp_sums_into_cpu, slerp_write_cpu>;
 
+// linear_logprobs: the tile loop of linear_logprobs_op.h with ATen GEMMs and the CPU folds.
+struct CpuLogprobs {
+  static constexpr int64_t kTokenChunk = kCpuTokenChunk;
+  static constexpr int64_t kVocabChunk = kCpuVocabChunk;
+  static constexpr bool kGemmInFp32 = true;  // bf16/fp16 GEMMs are several times slower on CPUs
+  static void forward_fold(const LogprobsForwardTile& tile) { linear_logprobs_forward_fold_cpu(tile); }
+  static void backward_fold(const LogprobsBackwardTile& tile) { linear_logprobs_backward_fold_cpu(tile); }
+};
+
 }  // namespace
 }  // namespace dafast
 
@@ -60,6 +80,8 @@ TORCH_LIBRARY_IMPL(dafast, CPU, m) {
   m.impl("lora_linear", &dafast::lora_linear_op<dafast::lora_linear_forward_cpu>);
   m.impl("lora_linear_backward",
          &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cpu>);
+  m.impl("linear_logprobs", &dafast::linear_logprobs_op<dafast::CpuLogprobs>);
+  m.impl("linear_logprobs_backward", &dafast::linear_logprobs_backward_op<dafast::CpuLogprobs>);
 }
 
 namespace {

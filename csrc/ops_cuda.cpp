@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include "dafast/lora_cuda.h"
+#include "dafast/linear_logprobs_cuda.h"
 #include "dafast/slerp_cuda.h"
+#include "linear_logprobs_op.h"
 #include "ops_common.h"
 
 namespace dafast {
@@ -200,6 +202,48 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   }
 }
 
+// linear_logprobs: the tile loop of linear_logprobs_op.h with cuBLAS GEMMs (through ATen, in the
+// input dtype with fp32 output) and the folds of csrc/cuda/linear_logprobs.cu.
+struct CudaLogprobs {
+  static constexpr int64_t kTokenChunk = kCudaTokenChunk;
+  static constexpr int64_t kVocabChunk = kCudaVocabChunk;
+  static constexpr bool kGemmInFp32 = false;
+  static void forward_fold(const LogprobsForwardTile& tile) {
+    const cudaError_t err =
+        linear_logprobs_forward_fold_cuda(tile, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "dafast.linear_logprobs: CUDA launch failed: ",
+                cudaGetErrorString(err));
+  }
+  static void backward_fold(const LogprobsBackwardTile& tile) {
+    const cudaError_t err =
+        linear_logprobs_backward_fold_cuda(tile, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "dafast.linear_logprobs_backward: CUDA launch failed: ",
+                cudaGetErrorString(err));
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats) {
+  TORCH_CHECK_VALUE(hidden.is_cuda(), "dafast.linear_logprobs: expected CUDA tensors, got ",
+                    hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return linear_logprobs_op<CudaLogprobs>(hidden, weight, targets, ignore_index, token_chunk,
+                                          vocab_chunk, with_stats);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_cuda(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index, int64_t token_chunk,
+    int64_t vocab_chunk, bool hidden_grad, bool weight_grad) {
+  TORCH_CHECK_VALUE(hidden.is_cuda(),
+                    "dafast.linear_logprobs_backward: expected CUDA tensors, got ", hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return linear_logprobs_backward_op<CudaLogprobs>(grad_logp, hidden, weight, targets, lse,
+                                                   ignore_index, token_chunk, vocab_chunk,
+                                                   hidden_grad, weight_grad);
+}
+
 }  // namespace
 
 int cuda_runtime_version_built() { return CUDART_VERSION; }
@@ -213,4 +257,6 @@ TORCH_LIBRARY_IMPL(dafast, CUDA, m) {
   m.impl("lora_linear", &dafast::lora_linear_op<dafast::lora_linear_forward_cuda>);
   m.impl("lora_linear_backward",
          &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cuda>);
+  m.impl("linear_logprobs", &dafast::linear_logprobs_cuda);
+  m.impl("linear_logprobs_backward", &dafast::linear_logprobs_backward_cuda);
 }

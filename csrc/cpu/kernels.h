@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "dafast/lora.h"
+#include "dafast/linear_logprobs.h"
 #include "dafast/slerp.h"
 
 namespace dafast {
@@ -32,5 +33,8 @@ void lora_linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                               const at::Tensor& lora_b, const at::Tensor& xa, double scale,
                               const LoraShapes& shapes, at::Tensor& grad_x, at::Tensor& grad_a,
                               at::Tensor& grad_b);
+// Fold one fp32 logits tile (see dafast/linear_logprobs.h); rows run on ATen's thread pool.
+void linear_logprobs_forward_fold_cpu(const LogprobsForwardTile& tile);
+void linear_logprobs_backward_fold_cpu(const LogprobsBackwardTile& tile);
 
 }  // namespace dafast

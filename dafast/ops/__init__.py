@@ -1,7 +1,11 @@
 """dafast's operators. Each module holds one op: its pure-PyTorch reference, the wrapper that
 calls torch.ops.dafast.<op>, its fake (meta) registration and, where it trains, its autograd."""
 
+from dafast.ops.linear_logprobs import LogprobStats, linear_logprobs, linear_logprobs_reference
 from dafast.ops.lora import lora_linear, lora_linear_reference
 from dafast.ops.slerp import slerp, slerp_reference, slerp_sums
 
-__all__ = ["lora_linear", "lora_linear_reference", "slerp", "slerp_reference", "slerp_sums"]
+__all__ = [
+    "LogprobStats", "linear_logprobs", "linear_logprobs_reference", "lora_linear",
+    "lora_linear_reference", "slerp", "slerp_reference", "slerp_sums",
+]

@@ -1,0 +1,138 @@
+// CPU folds of fused linear log-probabilities (see dafast/linear_logprobs.h): after each tile's
+// GEMM (ATen, in ops_common.h), one pass over the fp32 tile, rows split across ATen's OpenMP
+// pool. A row of a tile is a few KiB and stays in L1 between the max and the exp-sum passes.
+// The loops are compiled twice (AVX2/FMA and baseline), as in slerp.cpp, and use a polynomial
+// exp written so that `omp simd` vectorises it: libm's expf would keep them scalar.
+#include "cpu/kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "dafast/linear_logprobs.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define DAFAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DAFAST_MULTIVERSION
+#endif
+
+namespace dafast {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) to about 1 ulp for x <= 1 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
+// times 2^n); 0 below -87.3 where fp32 underflows; NaN stays NaN. Selects only, no branches and
+// no float-to-int conversion, so that GCC vectorises the callers' loops (with -fno-trapping-math,
+// set in setup.py as torch's own build does).
+__attribute__((always_inline)) inline float exp_approx(float x) {
+  const float hi = x > 88.0f ? 88.0f : x;
+  const float clamped = hi < -87.3f ? -87.3f : hi;
+  // Adding 1.5 * 2^23 rounds to an integer n, which then sits in the low mantissa bits.
+  const float shifted = clamped * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  float r = clamped - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof n_bits);
+  const int32_t scale_bits = (n_bits - 0x4B400000 + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return y * scale * static_cast<float>(!(x < -87.3f));
+}
+
+DAFAST_MULTIVERSION float row_max(const float* z, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < n; ++c) m = z[c] > m ? z[c] : m;
+  return m;
+}
+
+DAFAST_MULTIVERSION float row_sum_exp(const float* z, int64_t n, float m) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < n; ++c) s += exp_approx(z[c] - m);
+  return s;
+}
+
+// sum exp(z - m), sum exp(z - m) * z and sum z in one pass.
+DAFAST_MULTIVERSION void row_sums_with_stats(const float* z, int64_t n, float m, float* sums) {
+  float s = 0.f, sz = 0.f, zsum = 0.f;
+#pragma omp simd reduction(+ : s, sz, zsum)
+  for (int64_t c = 0; c < n; ++c) {
+    const float e = exp_approx(z[c] - m);
+    s += e;
+    sz += e * z[c];
+    zsum += z[c];
+  }
+  sums[0] = s;
+  sums[1] = sz;
+  sums[2] = zsum;
+}
+
+// grad = -g * exp(z - lse); the caller adds g at the target. grad may alias z.
+DAFAST_MULTIVERSION void row_grad(const float* z, float* grad, int64_t n, float lse, float g) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) grad[c] = -g * exp_approx(z[c] - lse);
+}
+
+void forward_row(const LogprobsForwardTile& t, int64_t r) {
+  const float* z = t.logits + r * t.ld;
+  const float m_old = t.row_max[r];
+  const float m_new = std::fmax(m_old, row_max(z, t.cols));
+  // exp(-inf) = 0 for the first tile; NaN from a NaN logit propagates through the sums.
+  const float rescale = std::exp(m_old - m_new);
+  const int64_t local = t.targets[r] - t.vocab_start;
+  if (t.sum_exp_z == nullptr) {
+    t.sum_exp[r] = t.sum_exp[r] * rescale + row_sum_exp(z, t.cols, m_new);
+  } else {
+    float sums[3];
+    row_sums_with_stats(z, t.cols, m_new, sums);
+    t.sum_exp[r] = t.sum_exp[r] * rescale + sums[0];
+    t.sum_exp_z[r] = t.sum_exp_z[r] * rescale + sums[1];
+    t.sum_z[r] += sums[2];
+    const int64_t before = local < 0 ? 0 : (local > t.cols ? t.cols : local);
+    if (before > 0) t.max_before_target[r] = std::fmax(t.max_before_target[r], row_max(z, before));
+  }
+  t.row_max[r] = m_new;
+  if (local >= 0 && local < t.cols) t.target_logit[r] = z[local];
+}
+
+void backward_row(const LogprobsBackwardTile& t, int64_t r) {
+  const float* z = t.logits + r * t.ld;
+  float* grad = static_cast<float*>(t.grad) + r * t.ld;
+  const float g = t.upstream[r];
+  row_grad(z, grad, t.cols, t.lse[r], g);
+  const int64_t local = t.targets[r] - t.vocab_start;
+  if (local >= 0 && local < t.cols) grad[local] += g;
+}
+
+// Enough rows per task that a task is worth a thread hand-off (~64 Ki elements).
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cols, 1)); }
+
+}  // namespace
+
+void linear_logprobs_forward_fold_cpu(const LogprobsForwardTile& tile) {
+  at::parallel_for(0, tile.rows, row_grain(tile.cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) forward_row(tile, r);
+  });
+}
+
+void linear_logprobs_backward_fold_cpu(const LogprobsBackwardTile& tile) {
+  TORCH_CHECK(tile.grad_dtype == DType::kFloat32, "dafast.linear_logprobs: the CPU fold writes fp32");
+  at::parallel_for(0, tile.rows, row_grain(tile.cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) backward_row(tile, r);
+  });
+}
+
+}  // namespace dafast

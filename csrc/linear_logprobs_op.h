@@ -1,0 +1,242 @@
+// linear_logprobs: input checks and the device-independent tile loop, shared by the CPU
+// registration (ops.cpp) and the CUDA registration (ops_cuda.cpp). A Backend supplies the folds
+// (csrc/cpu/linear_logprobs.cpp, csrc/cuda/linear_logprobs.cu) and the tile shape; the GEMMs
+// are ATen calls (MKL/oneDNN on the CPU, cuBLAS on CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <utility>
+
+#include "dafast/linear_logprobs.h"
+#include "ops_common.h"
+
+namespace dafast {
+
+inline DType to_kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "dafast: unsupported dtype ", dtype_name(type));
+  }
+}
+
+inline void check_linear_logprobs_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                         const at::Tensor& targets, int64_t token_chunk,
+                                         int64_t vocab_chunk) {
+  constexpr const char* op = "dafast.linear_logprobs: ";
+  TORCH_CHECK_VALUE(hidden.dim() == 2, op, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, "weight must be 2-D [V, H], got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(hidden.size(1) == weight.size(1), op,
+                    "hidden [N, H] and weight [V, H] must have the same H, got hidden ",
+                    hidden.sizes(), " and weight ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, op, "weight must have at least one row (V > 0)");
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == hidden.size(0), op,
+                    "targets must have shape [N] = [", hidden.size(0), "], got ", targets.sizes());
+  TORCH_CHECK_TYPE(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
+                       hidden.scalar_type() == at::kBFloat16,
+                   op, "hidden must be float32, float16 or bfloat16, got ",
+                   dtype_name(hidden.scalar_type()));
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), op,
+                   "weight must have hidden's dtype ", dtype_name(hidden.scalar_type()), ", got ",
+                   dtype_name(weight.scalar_type()));
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, "targets must be torch.int64, got ",
+                   dtype_name(targets.scalar_type()));
+  TORCH_CHECK_VALUE(hidden.device() == weight.device() && hidden.device() == targets.device(), op,
+                    "hidden, weight and targets must be on one device, got ", hidden.device(),
+                    ", ", weight.device(), " and ", targets.device());
+  TORCH_CHECK_VALUE(token_chunk >= 0 && vocab_chunk >= 0, op,
+                    "chunk sizes must be >= 0 (0: automatic), got ", token_chunk, " and ",
+                    vocab_chunk);
+}
+
+// A wrong target would read past W or silently train on garbage: refuse it with its position.
+// One host synchronisation on CUDA.
+inline void check_targets_in_range(const at::Tensor& targets, int64_t vocab, int64_t ignore_index) {
+  const at::Tensor bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab));
+  if (!bad.any().item<bool>()) return;
+  const int64_t where = bad.nonzero()[0][0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, "dafast.linear_logprobs: targets must be in [0, V) = [0, ", vocab,
+                    ") or equal ignore_index (", ignore_index, "), got targets[", where, "] = ",
+                    targets[where].item<int64_t>());
+}
+
+// The tokens whose target is not ignored, ready for the GEMMs: no GEMM ever sees an ignored row.
+struct LogprobsRows {
+  at::Tensor index;    // [count] positions in [0, N); undefined when every row counts
+  at::Tensor hidden;   // [count, H] in the GEMM dtype, contiguous
+  at::Tensor targets;  // [count] int64, contiguous
+  int64_t count = 0;
+
+  at::Tensor select(const at::Tensor& per_token) const {  // [N] -> [count]
+    return index.defined() ? per_token.index_select(0, index) : per_token;
+  }
+  at::Tensor scatter(const at::Tensor& rows, at::Tensor full) const {  // [count, *] -> [N, *]
+    return index.defined() ? full.index_copy_(0, index, rows) : full.copy_(rows);
+  }
+};
+
+inline LogprobsRows select_rows(const at::Tensor& hidden, const at::Tensor& targets,
+                                int64_t ignore_index, at::ScalarType gemm_dtype) {
+  LogprobsRows rows;
+  const at::Tensor index = (targets != ignore_index).nonzero().squeeze(1);
+  rows.count = index.size(0);
+  if (rows.count < hidden.size(0)) rows.index = index;
+  rows.hidden = rows.select(hidden).to(gemm_dtype).contiguous();
+  rows.targets = rows.select(targets).contiguous();
+  return rows;
+}
+
+// A Backend (CpuLogprobs in ops.cpp, CudaLogprobs in ops_cuda.cpp) provides the two folds, the
+// default tile shape, and kGemmInFp32: whether the GEMMs run on fp32 copies of the operands (the
+// CPU, where bf16 GEMMs are slow) or on the inputs' dtype with fp32 output (CUDA tensor cores).
+template <class Backend>
+struct LogprobsTiles {
+  int64_t tokens, vocab;
+  at::ScalarType gemm_dtype;
+
+  LogprobsTiles(const at::Tensor& hidden, int64_t rows, int64_t vocab_size, int64_t token_chunk,
+                int64_t vocab_chunk)
+      : tokens(std::min(token_chunk > 0 ? token_chunk : Backend::kTokenChunk, rows)),
+        vocab(std::min(vocab_chunk > 0 ? vocab_chunk : Backend::kVocabChunk, vocab_size)),
+        gemm_dtype(Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type()) {}
+
+  at::Tensor weight_chunk(const at::Tensor& weight, int64_t start, int64_t cols) const {
+    return weight.narrow(0, start, cols).to(gemm_dtype).contiguous();
+  }
+  // out (fp32, contiguous) = a @ b^T
+  static void logits(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+    if (a.scalar_type() == at::kFloat) {
+      at::mm_out(out, a, b.t());
+    } else {
+      at::mm_out(out, a, b.t(), at::kFloat);
+    }
+  }
+  // acc (fp32) += a @ b, without rounding the product to a's dtype
+  static void accumulate(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
+    if (a.scalar_type() == at::kFloat) {
+      acc.addmm_(a, b);
+    } else {
+      at::addmm_out(acc, acc, a, b, at::kFloat);
+    }
+  }
+};
+
+inline at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats) {
+  check_linear_logprobs_inputs(hidden, weight, targets, token_chunk, vocab_chunk);
+  check_targets_in_range(targets, weight.size(0), ignore_index);
+  const int64_t n = hidden.size(0), vocab_size = weight.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor logp = at::zeros({n}, f32);
+  at::Tensor lse = at::zeros({n}, f32);
+  at::Tensor stats = at::zeros({with_stats ? 3 : 0, n}, f32);
+  const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
+  const LogprobsRows rows = select_rows(hidden, targets, ignore_index, gemm_dtype);
+  if (rows.count == 0) return {logp, lse, stats};
+
+  const LogprobsTiles<Backend> tiles(hidden, rows.count, vocab_size, token_chunk, vocab_chunk);
+  // Running state per row: max, sum_exp, target logit, then the statistics' sums.
+  at::Tensor state = at::zeros({with_stats ? 6 : 3, rows.count}, f32);
+  state[0].fill_(-std::numeric_limits<float>::infinity());
+  if (with_stats) state[5].fill_(-std::numeric_limits<float>::infinity());
+  float* s = state.data_ptr<float>();
+  const at::Tensor buffer = at::empty({tiles.tokens * tiles.vocab}, f32);
+  const at::Tensor w = weight.contiguous();
+  for (int64_t v0 = 0; v0 < vocab_size; v0 += tiles.vocab) {
+    const int64_t cols = std::min(tiles.vocab, vocab_size - v0);
+    const at::Tensor w_chunk = tiles.weight_chunk(w, v0, cols);
+    for (int64_t r0 = 0; r0 < rows.count; r0 += tiles.tokens) {
+      const int64_t nr = std::min(tiles.tokens, rows.count - r0);
+      at::Tensor z = tile_view(buffer, nr, cols);
+      tiles.logits(z, rows.hidden.narrow(0, r0, nr), w_chunk);
+      const int64_t c = rows.count;
+      Backend::forward_fold(LogprobsForwardTile{
+          z.data_ptr<float>(), nr, cols, cols, v0, rows.targets.data_ptr<int64_t>() + r0,
+          s + r0, s + c + r0, s + 2 * c + r0, with_stats ? s + 3 * c + r0 : nullptr,
+          with_stats ? s + 4 * c + r0 : nullptr, with_stats ? s + 5 * c + r0 : nullptr});
+    }
+  }
+  const at::Tensor row_lse = state[0] + state[1].log();
+  rows.scatter(row_lse, lse);
+  rows.scatter(state[2] - row_lse, logp);
+  if (with_stats) {
+    const at::Tensor entropy = row_lse - state[3] / state[1];
+    const at::Tensor mean_logit = state[4] / static_cast<double>(vocab_size);
+    const at::Tensor top1 = at::logical_and(state[2] >= state[0], state[2] > state[5]).to(at::kFloat);
+    rows.scatter(at::stack({entropy, mean_logit, top1}, 1), stats.t());
+  }
+  return {logp, lse, stats};
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_op(
+    const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
+    const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index, int64_t token_chunk,
+    int64_t vocab_chunk, bool hidden_grad, bool weight_grad) {
+  constexpr const char* op = "dafast.linear_logprobs_backward: ";
+  check_linear_logprobs_inputs(hidden, weight, targets, token_chunk, vocab_chunk);
+  const int64_t n = hidden.size(0), vocab_size = weight.size(0);
+  for (const auto& [name, t] : {std::pair{"grad_logp", &grad_logp}, std::pair{"lse", &lse}}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, op, name, " must have shape [N] = [", n,
+                      "], got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, name, " must be torch.float32, got ",
+                     dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == hidden.device(), op, name, " must be on ", hidden.device(),
+                      ", got ", t->device());
+  }
+  check_targets_in_range(targets, vocab_size, ignore_index);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor grad_hidden = hidden_grad ? at::zeros(hidden.sizes(), hidden.options())
+                                       : at::empty({0}, hidden.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  if (!hidden_grad && !weight_grad) return {grad_hidden, grad_weight};
+  const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
+  const LogprobsRows rows = select_rows(hidden, targets, ignore_index, gemm_dtype);
+  // dW accumulates in fp32 over every token chunk; it is the result itself for fp32 weights.
+  at::Tensor dw = weight_grad ? at::zeros(weight.sizes(), f32) : at::Tensor();
+  if (rows.count > 0) {
+    const LogprobsTiles<Backend> tiles(hidden, rows.count, vocab_size, token_chunk, vocab_chunk);
+    const at::Tensor g = rows.select(grad_logp).contiguous();
+    const at::Tensor row_lse = rows.select(lse).contiguous();
+    at::Tensor dh = hidden_grad ? at::zeros({rows.count, hidden.size(1)}, f32) : at::Tensor();
+    const at::Tensor buffer = at::empty({tiles.tokens * tiles.vocab}, f32);
+    // The gradient tile is written in place over the logits when the GEMMs run in fp32.
+    const at::Tensor grad_buffer =
+        gemm_dtype == at::kFloat ? buffer
+                                 : at::empty({tiles.tokens * tiles.vocab}, f32.dtype(gemm_dtype));
+    const at::Tensor w = weight.contiguous();
+    for (int64_t v0 = 0; v0 < vocab_size; v0 += tiles.vocab) {
+      const int64_t cols = std::min(tiles.vocab, vocab_size - v0);
+      const at::Tensor w_chunk = tiles.weight_chunk(w, v0, cols);
+      for (int64_t r0 = 0; r0 < rows.count; r0 += tiles.tokens) {
+        const int64_t nr = std::min(tiles.tokens, rows.count - r0);
+        const at::Tensor h_chunk = rows.hidden.narrow(0, r0, nr);
+        at::Tensor z = tile_view(buffer, nr, cols);
+        const at::Tensor dz = tile_view(grad_buffer, nr, cols);
+        tiles.logits(z, h_chunk, w_chunk);
+        Backend::backward_fold(LogprobsBackwardTile{
+            z.data_ptr<float>(), dz.data_ptr(), to_kernel_dtype(gemm_dtype), nr, cols, cols, v0,
+            rows.targets.data_ptr<int64_t>() + r0, row_lse.data_ptr<float>() + r0,
+            g.data_ptr<float>() + r0});
+        if (hidden_grad) tiles.accumulate(dh.narrow(0, r0, nr), dz, w_chunk);
+        if (weight_grad) tiles.accumulate(dw.narrow(0, v0, cols), dz.t(), h_chunk);
+      }
+    }
+    if (hidden_grad) rows.scatter(dh.to(hidden.scalar_type()), grad_hidden);
+  }
+  if (weight_grad) grad_weight = dw.to(weight.scalar_type());
+  return {grad_hidden, grad_weight};
+}
+
+}  // namespace dafast

@@ -1,0 +1,163 @@
+"""linear_logprobs: per-token log-probabilities under a linear LM head, without the logits.
+
+    logp[i] = hidden[i] . weight[t_i] - logsumexp_v(hidden[i] . weight[v])     0 where t_i is ignored
+
+hidden [N, H] and weight [V, H] share one dtype (float32, float16 or bfloat16; the reference also
+takes float64, for golden values); targets [N] int64 in [0, V) or equal to ignore_index. logp is
+[N] float32, differentiable for hidden and weight. With return_stats=True it also returns, per
+token and without gradient, what TRL's trainers log: the entropy of the next-token distribution,
+the mean logit, and whether the target is the (first) argmax; all 0 / False where ignored.
+
+The native kernels never hold the [N, V] logits. Ignored tokens are dropped first; the rest is
+walked in tiles of [chunk_size tokens, vocab_chunk_size vocabulary entries] (CPU default 1024 x
+2048: the fp32 tile and the weight chunk stay in the last-level cache; CUDA 4096 x 8192). Per
+tile, a GEMM writes fp32 logits and one fused pass folds them into a running max, sum of
+exponentials and the target's logit (and the statistics). Only the per-token log-sum-exp is
+saved for backward, besides the inputs; the backward recomputes each tile, turns it in place into
+upstream * (onehot(target) - softmax), and two GEMMs accumulate dHidden and dW in fp32. dW is
+never computed when the weight needs no gradient (a frozen head, as with LoRA). dHidden comes
+back in hidden's dtype, dW in weight's. On the CPU the GEMMs run in fp32 on upcast chunks even for
+bf16/fp16 inputs (half-precision GEMMs are several times slower there); on CUDA they run in the
+input dtype with fp32 output.
+
+The reference is the unfused path: logits = hidden @ weight.T in the input dtype, then
+log_softmax in float32 (float64 for float64 inputs) and a gather.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from dafast._native import extension_loaded, use_native
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OP = "dafast.linear_logprobs: "
+
+
+class LogprobStats(NamedTuple):
+    entropy: torch.Tensor     # [N] float32
+    mean_logit: torch.Tensor  # [N] float32
+    is_top1: torch.Tensor     # [N] bool
+
+
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  chunk_size: int = 0, vocab_chunk_size: int = 0, *,
+                  allow_float64: bool = False) -> None:
+    """The checks of csrc/ops_common.h, for the reference path and the fakes; same messages."""
+    if hidden.dim() != 2:
+        raise ValueError(f"{_OP}hidden must be 2-D [N, H], got shape {list(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{_OP}weight must be 2-D [V, H], got shape {list(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{_OP}hidden [N, H] and weight [V, H] must have the same H, got hidden "
+                         f"{list(hidden.shape)} and weight {list(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{_OP}weight must have at least one row (V > 0)")
+    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{_OP}targets must have shape [N] = [{hidden.shape[0]}], got "
+                         f"{list(targets.shape)}")
+    if hidden.dtype not in KERNEL_DTYPES and not (allow_float64 and hidden.dtype == torch.float64):
+        raise TypeError(f"{_OP}hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{_OP}weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{_OP}targets must be torch.int64, got {targets.dtype}")
+    if not hidden.device == weight.device == targets.device:
+        raise ValueError(f"{_OP}hidden, weight and targets must be on one device, got "
+                         f"{hidden.device}, {weight.device} and {targets.device}")
+    if chunk_size < 0 or vocab_chunk_size < 0:
+        raise ValueError(f"{_OP}chunk sizes must be >= 0 (0: automatic), got {chunk_size} and "
+                         f"{vocab_chunk_size}")
+
+
+def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bad.any():
+        where = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{_OP}targets must be in [0, V) = [0, {vocab}) or equal ignore_index "
+                         f"({ignore_index}), got targets[{where}] = {int(targets[where])}")
+
+
+def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              ignore_index: int = -100, return_stats: bool = False):
+    """The unfused path: full logits in the input dtype, log_softmax in float32 (float64 for
+    float64 inputs), gather. Same shapes and results as linear_logprobs; holds [N, V] logits."""
+    _check_inputs(hidden, weight, targets, allow_float64=True)
+    _check_targets_in_range(targets, weight.shape[0], ignore_index)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden @ weight.T).to(acc)
+    log_probs = logits.log_softmax(-1)
+    valid = targets != ignore_index
+    safe = targets.masked_fill(~valid, 0).unsqueeze(-1)
+    logp = log_probs.gather(-1, safe).squeeze(-1).masked_fill(~valid, 0)
+    if not return_stats:
+        return logp
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1).masked_fill(~valid, 0)
+        mean_logit = logits.mean(-1).masked_fill(~valid, 0)
+        is_top1 = (logits.argmax(-1) == targets) & valid
+    return logp, LogprobStats(entropy.float(), mean_logit.float(), is_top1)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    ignore_index: int = -100, *, chunk_size: int | None = None,
+                    vocab_chunk_size: int | None = None, return_stats: bool = False):
+    """Per-token log p(target | hidden) under the head `weight` (see the module docstring).
+
+    hidden [N, H], weight [V, H], targets [N] int64. Returns logp [N] float32, and with
+    return_stats=True (logp, LogprobStats). chunk_size / vocab_chunk_size set the tile shape in
+    tokens and vocabulary entries (None: the device's default); results do not depend on them
+    beyond fp32 rounding.
+    """
+    token_chunk, vocab_chunk = int(chunk_size or 0), int(vocab_chunk_size or 0)
+    if not use_native():
+        _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
+        return linear_logprobs_reference(hidden, weight, targets, ignore_index, return_stats)
+    logp, _, stats = torch.ops.dafast.linear_logprobs(hidden, weight, targets, int(ignore_index),
+                                                      token_chunk, vocab_chunk, return_stats)
+    if not return_stats:
+        return logp
+    return logp, LogprobStats(stats[0], stats[1], stats[2] > 0.5)
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("dafast::linear_logprobs")
+    def _linear_logprobs_fake(hidden, weight, targets, ignore_index=-100, token_chunk=0,
+                              vocab_chunk=0, with_stats=False):
+        _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
+        n = hidden.shape[0]
+        f32 = dict(dtype=torch.float32)
+        return (hidden.new_empty(n, **f32), hidden.new_empty(n, **f32),
+                hidden.new_empty((3 if with_stats else 0, n), **f32))
+
+    @torch.library.register_fake("dafast::linear_logprobs_backward")
+    def _linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, lse, ignore_index,
+                                       token_chunk, vocab_chunk, hidden_grad, weight_grad):
+        _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
+        return (hidden.new_empty(hidden.shape if hidden_grad else (0,)),
+                weight.new_empty(weight.shape if weight_grad else (0,)))
+
+    def _setup_context(ctx, inputs, output):
+        hidden, weight, targets, ignore_index, token_chunk, vocab_chunk, _ = inputs
+        _, lse, stats = output
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.config = (ignore_index, token_chunk, vocab_chunk)
+        ctx.mark_non_differentiable(lse, stats)
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, grad_logp, _grad_lse, _grad_stats):
+        hidden_grad, weight_grad = ctx.needs_input_grad[:2]
+        if grad_logp is None or not (hidden_grad or weight_grad):
+            return (None,) * 7
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.ops.dafast.linear_logprobs_backward(
+            grad_logp.float().contiguous(), hidden, weight, targets, lse, *ctx.config,
+            hidden_grad, weight_grad)
+        return (grad_hidden if hidden_grad else None, grad_weight if weight_grad else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd("dafast::linear_logprobs", _backward,
+                                    setup_context=_setup_context)
