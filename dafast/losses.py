@@ -114,12 +114,30 @@ def orpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     pairs = labels.shape[0] // 2
     if nll_labels is None:
         nll_labels = labels[:pairs]
+    scored = orpo_scored_labels(labels, nll_labels, ignore_index)
+    logp = token_logprobs(hidden, weight, scored, ignore_index=ignore_index)
+    return orpo_loss_from_token_logps(logp, labels, nll_labels, beta=beta,
+                                      ignore_index=ignore_index)
+
+
+def orpo_scored_labels(labels: torch.Tensor, nll_labels: torch.Tensor,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """The labels one log-prob call scores for ORPO: nll_labels on the chosen rows (a superset of
+    their completion labels), the completion labels on the rejected rows."""
+    pairs = labels.shape[0] // 2
     chosen_labels = labels[:pairs]
     if not ((chosen_labels == ignore_index) | (chosen_labels == nll_labels)).all():
         raise ValueError("dafast.orpo_loss: nll_labels must equal labels wherever labels are not "
                          "ignored (the completion is part of the sequence the NLL scores)")
-    logp = token_logprobs(hidden, weight, torch.cat([nll_labels, labels[pairs:]]),
-                          ignore_index=ignore_index)
+    return torch.cat([nll_labels, labels[pairs:]])
+
+
+def orpo_loss_from_token_logps(logp: torch.Tensor, labels: torch.Tensor,
+                               nll_labels: torch.Tensor, *, beta: float = 0.1,
+                               ignore_index: int = -100):
+    """ORPO from per-token log-probs [2B, T - 1] of orpo_scored_labels(labels, nll_labels),
+    shifted as token_logprobs gives them. Returns (loss, metrics)."""
+    pairs = labels.shape[0] // 2
     completion = labels[:, 1:] != ignore_index
     avg_logps = (logp * completion).sum(-1) / completion.sum(-1)
     nll_mask = nll_labels[:, 1:] != ignore_index

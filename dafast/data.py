@@ -1,0 +1,210 @@
+"""Training data: local JSON Lines in TRL's standard formats, validated before anything trains.
+
+    text          {"text": ...}                                   CPT corpus
+    messages      {"messages": [{"role", "content"}, ...]}        SFT (loss on assistant turns)
+    prompt/completion {"prompt": ..., "completion": ...}          SFT (loss on the completion)
+    preference    {"prompt": ..., "chosen": ..., "rejected": ...} DPO, ORPO (strings or messages)
+
+A source is a path, or `builtin:NAME` for data shipped in the package: `builtin:biomat` picks the
+file the stage needs (corpus, sft, preferences or benchmark), `builtin:biomat/sft` names one.
+Every row is checked when the file is read; the first bad row raises DataError naming the file,
+the line and the field, so nothing trains on half-read data.
+
+Tokenisation is dafast's own, not the trainers': CPT packs the corpus into fixed chunks that each
+start with a BOS token (the paper's recipe, which TRL's packing does not do), and SFT labels the
+assistant tokens by rendering the chat template turn by turn, which works for any template that
+renders a conversation's prefix as a prefix (TRL needs `{% generation %}` markers instead).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100
+# The file a stage reads from a bundled dataset directory (builtin:NAME).
+BUILTIN_FILES = {"cpt": "corpus", "sft": "sft", "dpo": "preferences", "orpo": "preferences",
+                 "eval": "benchmark"}
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A dataset row that cannot be used; the message names the file, line and field."""
+
+
+def resolve_source(source: str | os.PathLike, kind: str) -> Path:
+    """The file behind `source` for a stage of `kind` (cpt, sft, dpo, orpo, eval)."""
+    text = os.fspath(source)
+    if not text.startswith("builtin:"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise DataError(f"{text}: no such data file")
+        return path.resolve()
+    name, _, part = text[len("builtin:"):].partition("/")
+    root = importlib.resources.files("dafast") / "data" / name
+    if not name or not root.is_dir():
+        available = sorted(p.name for p in (importlib.resources.files("dafast") / "data").iterdir()
+                           if p.is_dir() and not p.name.startswith("_"))
+        raise DataError(f"{text}: no bundled dataset {name!r}; bundled: {', '.join(available)}")
+    path = Path(str(root / f"{part or BUILTIN_FILES[kind]}.jsonl"))
+    if not path.is_file():
+        raise DataError(f"{text}: the bundled dataset {name!r} has no file {path.name}")
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; DataError on bad JSON or a non-object."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _fail(where: str, field: str, message: str):
+    raise DataError(f"{where}: field {field!r}: {message}")
+
+
+def _check_text(value: Any, where: str, field: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        _fail(where, field, "must be a non-empty string")
+
+
+def _check_messages(value: Any, where: str, field: str, *, last_role: str | None = None) -> None:
+    if not isinstance(value, list) or not value:
+        _fail(where, field, "must be a non-empty list of {\"role\", \"content\"} messages")
+    for i, message in enumerate(value):
+        at = f"{field}[{i}]"
+        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+            _fail(where, at, "must be an object with exactly \"role\" and \"content\"")
+        if message["role"] not in ROLES:
+            _fail(where, f"{at}.role", f"must be one of {', '.join(ROLES)}, got {message['role']!r}")
+        _check_text(message.get("content"), where, f"{at}.content")
+    if last_role and value[-1]["role"] != last_role:
+        _fail(where, field, f"the last message must be the {last_role}'s")
+
+
+def _check_turn(value: Any, where: str, field: str, role: str) -> None:
+    """A prompt or completion: a string, or a message list."""
+    if isinstance(value, list):
+        _check_messages(value, where, field, last_role=role if role == "assistant" else None)
+    else:
+        _check_text(value, where, field)
+
+
+def _check_row(row: dict, where: str, kind: str) -> None:
+    if kind == "cpt":
+        _check_text(row.get("text"), where, "text")
+    elif kind == "sft":
+        if "messages" in row:
+            _check_messages(row["messages"], where, "messages")
+            if not any(m["role"] == "assistant" for m in row["messages"]):
+                _fail(where, "messages", "has no assistant message, so nothing to learn")
+        elif "prompt" in row or "completion" in row:
+            _check_turn(row.get("prompt"), where, "prompt", "user")
+            _check_turn(row.get("completion"), where, "completion", "assistant")
+        else:
+            raise DataError(f"{where}: an SFT row needs \"messages\", or \"prompt\" and \"completion\"")
+    elif kind in ("dpo", "orpo"):
+        _check_turn(row.get("prompt"), where, "prompt", "user")
+        for field in ("chosen", "rejected"):
+            _check_turn(row.get(field), where, field, "assistant")
+        if row["chosen"] == row["rejected"]:
+            _fail(where, "rejected", "equals chosen, so the pair teaches nothing")
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+
+
+def load_rows(source: str | os.PathLike, kind: str) -> list[dict]:
+    """Read and validate every row of `source` for a stage of `kind` (cpt, sft, dpo, orpo)."""
+    path = resolve_source(source, kind)
+    rows = read_jsonl(path)
+    for number, row in rows:
+        _check_row(row, f"{path}:{number}", kind)
+    return [row for _, row in rows]
+
+
+# --- tokenisation ---------------------------------------------------------------------------
+
+def pack_corpus(texts: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+    """The paper's CPT packing: documents tokenised, each closed by EOS, concatenated, and cut
+    into chunks of seq_len tokens that each start with BOS (so every chunk looks like the start
+    of a document to the model). The last, shorter chunk is kept (the collator pads it)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError("CPT packing needs a tokenizer with BOS and EOS tokens")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    body = seq_len - 1
+    return [[bos] + stream[i:i + body] for i in range(0, len(stream), body)]
+
+
+def _as_messages(value, role: str) -> list[dict]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def sft_example(row: dict, tokenizer, max_length: int | None = None) -> dict:
+    """input_ids and labels of one SFT row: labels are the assistant tokens (for prompt/completion
+    rows: the completion), IGNORE_INDEX elsewhere. The chat template is rendered one prefix at a
+    time; what an assistant turn adds to the rendering (its text and end-of-turn token) is
+    labelled, so the model learns to stop."""
+    if "messages" in row:
+        messages = row["messages"]
+    else:
+        messages = _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for end in range(1, len(messages) + 1):
+        assistant = messages[end - 1]["role"] == "assistant"
+        if assistant:  # the prompt of this turn, with the template's generation prompt
+            prompt = _render(tokenizer, messages[:end - 1], generation_prompt=True)
+            _extend(input_ids, labels, prompt, labelled=False)
+        _extend(input_ids, labels, _render(tokenizer, messages[:end]), labelled=assistant)
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    if not messages and not generation_prompt:
+        return []
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              add_generation_prompt=generation_prompt)["input_ids"])
+
+
+def _extend(input_ids: list[int], labels: list[int], rendered: list[int], labelled: bool) -> None:
+    """Append what `rendered` (the rendering of a longer prefix) adds to input_ids."""
+    if rendered[:len(input_ids)] != input_ids:
+        raise ValueError("the chat template does not render a conversation's prefix as a prefix "
+                         "of the conversation, so assistant tokens cannot be located")
+    added = rendered[len(input_ids):]
+    input_ids.extend(added)
+    labels.extend(added if labelled else [IGNORE_INDEX] * len(added))
+
+
+def preference_example(row: dict, conversational: bool) -> dict:
+    """A preference row in the form TRL's DPO and ORPO trainers read. With a chat model
+    (conversational=True), plain strings become one user and one assistant message, so the
+    trainers apply the chat template the model was tuned with."""
+    if not conversational:
+        return {k: row[k] for k in ("prompt", "chosen", "rejected")}
+    return {"prompt": _as_messages(row["prompt"], "user"),
+            "chosen": _as_messages(row["chosen"], "assistant"),
+            "rejected": _as_messages(row["rejected"], "assistant")}

@@ -1,0 +1,178 @@
+"""Recipes: the typed schema of a dafast run, read from YAML with `key=value` overrides.
+
+A recipe names a starting model, the settings of each stage (cpt, sft, dpo, orpo), the pipelines
+to train (chains of stages such as "cpt-sft-dpo"), and optionally the SLERP merge with the
+instruct model and the benchmark. One pipeline without merge and eval is a plain training run;
+the default recipe is the paper's whole strategy matrix. Every field carries its help text, which
+`python -m dafast.train --help` prints.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGES = ("cpt", "sft", "dpo", "orpo")
+DEFAULT_RECIPE = "default.yaml"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(Settings):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout; 0 keeps the fused kernel "
+                           "on (dropout runs PEFT's own layer)")
+    target_modules: str | list[str] = Field("all-linear", description="PEFT target_modules")
+
+
+class StageSettings(Settings):
+    data: str = Field("builtin:biomat", description="JSON Lines file in TRL's format for the "
+                      "stage, or builtin:NAME for bundled data")
+    epochs: float = Field(1.0, gt=0, description="passes over the data")
+    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: epochs decide)")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps warming up")
+    batch_size: int = Field(4, ge=1, description="sequences (DPO/ORPO: pairs) per device per step")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimiser step")
+    max_length: int = Field(512, ge=8, description="tokens per sequence (CPT: the packed chunk "
+                            "length, BOS included)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
+
+
+class DPOSettings(StageSettings):
+    learning_rate: float = Field(5e-6, gt=0, description="peak learning rate")
+    beta: float = Field(0.05, gt=0, description="DPO beta (the paper: 0.05)")
+    precompute_ref: bool = Field(False, description="compute the reference log-probs once, "
+                                 "before training, instead of in every step")
+
+
+class ORPOSettings(StageSettings):
+    learning_rate: float = Field(5e-5, gt=0, description="peak learning rate")
+    beta: float = Field(0.1, gt=0, description="ORPO lambda, the weight of the odds-ratio term")
+
+
+class MergeSettings(Settings):
+    t: Any = Field(None, description="SLERP t in mergekit's form (a number, a list over layers, "
+                   "or filters); null: the paper's schedule. t=0 keeps the instruct model")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of "
+                                                               "the merged weights")
+
+
+class EvalSettings(Settings):
+    bench: str = Field("builtin:biomat", description="benchmark JSON Lines (DESIGN.md format)")
+    batch_size: int = Field(16, ge=1, description="questions per batch")
+    loglik: bool = Field(True, description="also score each option by log-likelihood")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N questions")
+
+
+class Recipe(Settings):
+    model: str = Field("default", description="the instruct model: a local HF directory, or "
+                       "'default' for the embedded SmolLM2-135M-Instruct")
+    base_model: str | None = Field(None, description="a base model to start pipelines from too "
+                                   "(the paper's Base rows); merges still use `model`")
+    output_dir: str = Field("runs/default", description="where stages, merges and the report go")
+    seed: int = Field(42, description="seed of data order, initialisation and dropout")
+    finetune: Literal["lora", "full"] = Field("lora", description="LoRA adapters (merged into "
+                                              "the weights after each stage) or full fine-tuning")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="training dtype "
+                                                          "(auto: float32 on CPU, bfloat16 on GPU)")
+    kernels: Literal["auto", "native", "reference"] = Field("auto", description="dafast "
+                                                             "kernels, or the PyTorch references")
+    pipelines: list[str] = Field(["cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo"],
+                                 description="stage chains to train, stages joined by '-'")
+    cpt: StageSettings = Field(default_factory=lambda: StageSettings(data="builtin:biomat"),
+                               description="continued pretraining on raw text")
+    sft: StageSettings = Field(default_factory=StageSettings, description="supervised fine-tuning")
+    dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO")
+    orpo: ORPOSettings = Field(default_factory=ORPOSettings, description="ORPO")
+    merge: MergeSettings | None = Field(default_factory=MergeSettings, description="SLERP-merge "
+                                        "every trained model with `model` (null: no merges)")
+    eval: EvalSettings | None = Field(default_factory=EvalSettings, description="benchmark every "
+                                      "model and write the report (null: no evaluation)")
+    logging_steps: int = Field(1, ge=1, description="log metrics every N steps")
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (runs resume from it)")
+    tensorboard: bool = Field(False, description="also log to TensorBoard (needs tensorboard)")
+
+    @field_validator("pipelines")
+    @classmethod
+    def _known_stages(cls, pipelines: list[str]) -> list[str]:
+        for pipeline in pipelines:
+            for stage in pipeline.split("-"):
+                if stage not in STAGES:
+                    raise ValueError(f"pipeline {pipeline!r}: unknown stage {stage!r} "
+                                     f"(stages: {', '.join(STAGES)})")
+        return pipelines
+
+    def stage(self, kind: str) -> StageSettings:
+        return getattr(self, kind)
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the file and the fields."""
+
+
+def builtin_recipe(name: str = DEFAULT_RECIPE) -> Path:
+    return Path(str(resources.files("dafast") / "recipes" / name))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`a.b=value` sets data["a"]["b"]; the value is read as YAML (numbers, lists, null)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {assignment!r} is not key=value")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {assignment!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe (None: the bundled default), apply overrides, validate."""
+    source = Path(path) if path is not None else builtin_recipe()
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{source}: cannot read the recipe: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc'])) or '(recipe)'}: {err['msg']}"
+                             for err in e.errors())
+        raise RecipeError(f"{source}: invalid recipe\n{problems}") from None
+
+
+def describe(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """One line per field, `key (default): help`, nested sections indented by their dotted key."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        nested = next((t for t in getattr(annotation, "__args__", (annotation,))
+                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if nested is not None:
+            lines.append(f"  {prefix}{name}: {field.description}")
+            lines.extend(describe(nested, prefix=f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {prefix}{name} ({default!r}): {field.description}")
+    return lines

@@ -1,0 +1,43 @@
+"""The training stages of the study: cpt, sft, dpo, orpo, each a thin layer over a TRL trainer
+running on dafast's kernels (LoRA layers patched onto dafast.ops.lora_linear, log-probs from
+dafast's fused head).
+
+    run_stage("sft", recipe, start=Path("runs/x/cpt/model"), stage_dir=Path("runs/x/cpt-sft"))
+
+trains one stage from the model in `start` and returns the directory of the trained model (see
+dafast.stages.base for what the stage directory holds). A stage directory that holds a finished
+result is returned as is; one with checkpoints resumes from the newest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from dafast.recipe import Recipe
+from dafast.stages import base
+
+MODULES = {"cpt": "sft", "sft": "sft", "dpo": "dpo", "orpo": "orpo"}
+
+
+def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
+    stage_dir = Path(stage_dir)
+    if base.is_complete(stage_dir):
+        return stage_dir / "model"
+    started = time.time()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"dafast.stages.{MODULES[kind]}")
+    settings = recipe.stage(kind)
+    base.use_dafast_head()
+    model, tokenizer = base.load_model(Path(start), base.training_dtype(recipe))
+    dataset = module.build_dataset(kind, settings, tokenizer)  # validates every row first
+    trainer = module.build_trainer(kind, settings, model, tokenizer, dataset,
+                                   base.trainer_arguments(recipe, settings, stage_dir),
+                                   base.peft_config(recipe),
+                                   [base.MetricsLog(stage_dir / "metrics.jsonl")])
+    base.train(trainer, stage_dir)
+    return base.finish(trainer, tokenizer, recipe, settings, stage_dir, kind, started)
+
+
+__all__ = ["run_stage"]

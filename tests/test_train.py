@@ -1,0 +1,302 @@
+"""The trainer layer (dafast.stages, dafast.recipe, dafast.train) on a tiny random Llama with the
+embedded model's tokenizer: each stage learns, kernels and references agree, resume, gradient
+accumulation, two processes, the DPO reference, recipe and data errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dafast
+from dafast import data
+from dafast.recipe import Recipe, RecipeError, load_recipe
+from dafast.stages import base, run_stage
+
+STEPS = 6
+FAST = dict(max_steps=STEPS, batch_size=2, max_length=96, learning_rate=2e-2, lr_scheduler="constant")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Llama (hidden 32) with SmolLM2's tokenizer and chat template, tied embeddings."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dafast.models import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def small_data(tmp_path: Path, kind: str, rows: int = 8) -> str:
+    """The first rows of the bundled data for `kind`, as a user-supplied file."""
+    lines = data.resolve_source("builtin:biomat", kind).read_text().splitlines()[:rows]
+    path = tmp_path / f"{kind}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def recipe_for(tmp_path, **overrides) -> Recipe:
+    stages = {kind: dict(FAST, data=small_data(tmp_path, kind)) for kind in ("cpt", "sft", "dpo", "orpo")}
+    stages["cpt"]["max_length"] = 64
+    fields = dict(output_dir=str(tmp_path / "run"), lora=dict(r=8, alpha=16), save_steps=2,
+                  merge=None, eval=None, **stages)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            fields[key] = {**fields.get(key, {}), **value}
+        else:
+            fields[key] = value
+    return Recipe(**fields)
+
+
+def losses(stage_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("kind", ["cpt", "sft", "dpo", "orpo"])
+def test_stage_trains_and_writes_outputs(kind, tiny_model, tmp_path):
+    recipe = recipe_for(tmp_path, **{kind: dict(max_steps=8)})
+    stage_dir = tmp_path / kind
+    model_dir = run_stage(kind, recipe, tiny_model, stage_dir)
+    curve = losses(stage_dir)
+    assert len(curve) == 8 and all(map(torch.isfinite, torch.tensor(curve)))
+    assert sum(curve[-2:]) < sum(curve[:2]), curve  # it learns
+    result = json.loads((stage_dir / "result.json").read_text())
+    assert result["steps"] == 8 and result["tokens"] > 0
+    # model/: the starting model with the adapter merged in, as plain safetensors
+    trained, start = load_file(model_dir / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert set(trained) == set(start)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert (stage_dir / "adapter" / "adapter_config.json").is_file()
+    assert not (stage_dir / "checkpoints").exists() and not (stage_dir / ".partial").exists()
+    # a finished stage is not trained again
+    (stage_dir / "metrics.jsonl").unlink()
+    assert run_stage(kind, recipe, tiny_model, stage_dir) == model_dir
+    assert not (stage_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_kernels_and_references_give_the_same_curve(kind, tiny_model, tmp_path):
+    recipe = recipe_for(tmp_path)
+    curves = {}
+    for mode in ("native", "reference"):
+        with dafast.kernels(mode):
+            run_stage(kind, recipe, tiny_model, tmp_path / mode)
+        curves[mode] = losses(tmp_path / mode)
+    torch.testing.assert_close(torch.tensor(curves["native"]), torch.tensor(curves["reference"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_model, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    recipe = recipe_for(tmp_path)
+    run_stage("sft", recipe, tiny_model, tmp_path / "whole")
+
+    class KillAfter(TrainerCallback):
+        def on_log(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # step 3 logged, past the checkpoint of step 2
+                raise _Killed
+
+    train = base.train
+    monkeypatch.setattr(base, "train", lambda trainer, d: (trainer.add_callback(KillAfter()),
+                                                           train(trainer, d)))
+    with pytest.raises(_Killed):
+        run_stage("sft", recipe, tiny_model, tmp_path / "resumed")
+    assert base.last_checkpoint(tmp_path / "resumed").endswith("checkpoint-2")
+    assert len(losses(tmp_path / "resumed")) == 3
+    monkeypatch.setattr(base, "train", train)
+    run_stage("sft", recipe, tiny_model, tmp_path / "resumed")
+
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+    whole = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_model, tmp_path):
+    run_stage("sft", recipe_for(tmp_path, sft=dict(batch_size=4, grad_accum=1)), tiny_model,
+              tmp_path / "batch4")
+    run_stage("sft", recipe_for(tmp_path, sft=dict(batch_size=2, grad_accum=2)), tiny_model,
+              tmp_path / "accum2")
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "accum2")),
+                               torch.tensor(losses(tmp_path / "batch4")), rtol=1e-4, atol=1e-5)
+
+
+def _recipe_file(tmp_path, recipe: Recipe) -> Path:
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump()))
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 2 each, against one process with batch 4."""
+    recipe = _recipe_file(tmp_path, recipe_for(tmp_path, model=str(tiny_model), pipelines=["sft"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [str(recipe), "kernels=native"]
+    one = subprocess.run([sys.executable, "-m", "dafast.train", *common, f"output_dir={tmp_path}/one",
+                          "sft.batch_size=4"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "dafast.train", *common, f"output_dir={tmp_path}/two",
+                          "sft.batch_size=2"], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (one_dir,), (two_dir,) = (list((tmp_path / d / "stages").iterdir()) for d in ("one", "two"))
+    assert len(losses(one_dir)) == STEPS
+    torch.testing.assert_close(torch.tensor(losses(two_dir)), torch.tensor(losses(one_dir)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_reference_is_the_starting_model(tiny_model, tmp_path):
+    """The first DPO loss is ln 2 exactly when the reference equals the policy at step 0, i.e.
+    the starting model; after training, the adapter-disabled model still is the starting model."""
+    recipe = recipe_for(tmp_path, sft=dict(max_steps=2))
+    start = run_stage("sft", recipe, tiny_model, tmp_path / "sft")  # a start that is not the tiny model
+    stage_dir = tmp_path / "dpo"
+    module = __import__("dafast.stages.dpo", fromlist=["build_trainer"])
+    model, tokenizer = base.load_model(start, torch.float32)
+    trainer = module.build_trainer("dpo", recipe.dpo, model, tokenizer,
+                                   module.build_dataset("dpo", recipe.dpo, tokenizer),
+                                   base.trainer_arguments(recipe, recipe.dpo, stage_dir),
+                                   base.peft_config(recipe), [base.MetricsLog(stage_dir / "m.jsonl")])
+    base.train(trainer, stage_dir)
+    first = json.loads((stage_dir / "m.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+    ids = torch.tensor([tokenizer("Nacre is made of aragonite tablets.")["input_ids"]])
+    reference, _ = base.load_model(start, torch.float32)
+    trainer.model.eval()
+    with torch.no_grad(), trainer.model.disable_adapter():
+        disabled = trainer.model(input_ids=ids).logits
+    with torch.no_grad():
+        policy = trainer.model(input_ids=ids).logits
+        torch.testing.assert_close(disabled, reference(input_ids=ids).logits)
+    assert not torch.allclose(policy, disabled, atol=1e-4)
+
+
+def test_bad_rows_are_reported_before_training(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'
+    bad.write_text(good + "\n" + '{"messages": [{"role": "robot", "content": "q"}]}\n')
+    recipe = recipe_for(tmp_path, sft=dict(data=str(bad)))
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: field 'messages\[0\].role'"):
+        run_stage("sft", recipe, tiny_model, tmp_path / "sft")
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind, line, match", [
+    ("cpt", '{"txt": "x"}', r":1: field 'text': must be a non-empty string"),
+    ("cpt", '{"text": "x"', r":1: not valid JSON"),
+    ("cpt", '["text"]', r":1: a row must be a JSON object"),
+    ("sft", '{"prompt": "q"}', r":1: field 'completion'"),
+    ("sft", '{"messages": [{"role": "user", "content": "q"}]}', r"has no assistant message"),
+    ("dpo", '{"prompt": "q", "chosen": "a", "rejected": ""}', r"field 'rejected'"),
+    ("dpo", '{"prompt": "q", "chosen": "a", "rejected": "a"}', r"equals chosen"),
+    ("orpo", '{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
+     r"field 'chosen': the last message must be the assistant's"),
+])
+def test_data_validation_names_file_line_and_field(kind, line, match, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(data.DataError, match=match) as info:
+        data.load_rows(path, kind)
+    assert str(path) in str(info.value)
+
+
+def test_data_sources():
+    assert len(data.load_rows("builtin:biomat", "dpo")) >= 200
+    assert data.resolve_source("builtin:biomat/sft", "cpt").name == "sft.jsonl"
+    with pytest.raises(data.DataError, match="no bundled dataset 'nope'"):
+        data.resolve_source("builtin:nope", "sft")
+    with pytest.raises(data.DataError, match="no such data file"):
+        data.resolve_source("/does/not/exist.jsonl", "sft")
+
+
+def test_cpt_packing_puts_bos_first(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [row["text"] for row in data.load_rows("builtin:biomat", "cpt")[:3]]
+    chunks = data.pack_corpus(texts, tokenizer, 128)
+    assert all(chunk[0] == tokenizer.bos_token_id for chunk in chunks)
+    assert all(len(chunk) == 128 for chunk in chunks[:-1]) and 1 < len(chunks[-1]) <= 128
+    stream = [t for chunk in chunks for t in chunk[1:]]
+    assert stream.count(tokenizer.eos_token_id) == 3
+    assert tokenizer.decode(stream).startswith(texts[0][:50])
+
+
+def test_sft_labels_only_assistant_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    row = {"messages": [{"role": "user", "content": "What is nacre?"},
+                        {"role": "assistant", "content": "Mother of pearl."},
+                        {"role": "user", "content": "And bone?"},
+                        {"role": "assistant", "content": "A mineralised collagen composite."}]}
+    example = data.sft_example(row, tokenizer)
+    full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert example["input_ids"] == list(full)
+    labelled = tokenizer.decode([t for t in example["labels"] if t != data.IGNORE_INDEX])
+    assert "Mother of pearl." in labelled and "A mineralised collagen composite." in labelled
+    assert "What is nacre" not in labelled and "And bone" not in labelled
+    assert labelled.count(tokenizer.eos_token) == 2  # the model learns to end its turn
+
+
+def test_recipe_validation_and_overrides(tmp_path):
+    recipe = load_recipe(None, ["cpt.epochs=3", "pipelines=[cpt-sft]", "merge=null", "lora.r=4"])
+    assert (recipe.cpt.epochs, recipe.pipelines, recipe.merge, recipe.lora.r) == (3, ["cpt-sft"], None, 4)
+    with pytest.raises(RecipeError, match=r"cpt.epochs: Input should be greater than 0"):
+        load_recipe(None, ["cpt.epochs=0"])
+    with pytest.raises(RecipeError, match=r"sft.learnig_rate: Extra inputs are not permitted"):
+        load_recipe(None, ["sft.learnig_rate=1e-4"])
+    with pytest.raises(RecipeError, match=r"unknown stage 'kto'"):
+        load_recipe(None, ["pipelines=[cpt-kto]"])
+    with pytest.raises(RecipeError, match="not key=value"):
+        load_recipe(None, ["cpt.epochs"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match="broken.yaml: cannot read the recipe"):
+        load_recipe(broken)
+
+
+def test_cli_help_and_errors():
+    from dafast import train
+
+    result = subprocess.run([sys.executable, "-m", "dafast.train", "--help"], capture_output=True,
+                            text=True)
+    assert result.returncode == 0
+    assert "dpo.beta (0.05): DPO beta" in result.stdout and "default.yaml" in result.stdout
+    assert train.main(["cpt.epochs=-1"]) == 2
+
+
+def test_default_recipe_plans_the_matrix():
+    from dafast import matrix
+
+    nodes = matrix.build_plan(load_recipe())
+    assert list(nodes) == ["instruct", "cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo",
+                           "cpt-slerp", "cpt-sft-slerp", "cpt-sft-dpo-slerp", "cpt-sft-orpo-slerp"]
+    assert nodes["cpt-sft-dpo-slerp"].parents == ["cpt-sft-dpo", "instruct"]
+    changed = matrix.build_plan(load_recipe(None, ["sft.learning_rate=1e-5"]))
+    assert changed["cpt"].key == nodes["cpt"].key  # a changed SFT setting keeps CPT...
+    assert all(changed[n].key != nodes[n].key for n in nodes if n.startswith("cpt-sft"))  # ...only
