@@ -201,7 +201,7 @@ def write_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
 
     rows = [{"variant": n.name, "parents": n.parents if n.kind == "merge" else [],
              "summary": n.summary} for n in nodes.values() if n.evaluate and n.summary]
-    status = {n.name: {"kind": n.kind, "status": n.status, "seconds": round(n.seconds, 1),
-                       **({"error": n.error} if n.error else {})} for n in nodes.values()}
-    return write(root / "report", rows, loss_curves=loss_curves(nodes),
-                 config=recipe.model_dump(), timings=status, machine=machine())
+    return write(root / "report", rows, loss_curves=loss_curves(nodes), config=recipe.model_dump(),
+                 timings={n.name: n.seconds for n in nodes.values()}, machine=machine(),
+                 instruct="instruct",
+                 failures={n.name: n.error for n in nodes.values() if n.error})

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for node in nodes.values():
         line = f"{node.name:<{width}}  {node.kind:<6} {node.status:<8}"
         if node.summary:
-            line += f" accuracy {node.summary['overall']['accuracy']:.3f}"
+            line += f" accuracy {node.summary['generation']['overall']:.3f}"
         if node.error:
             line += f"  {node.error}"
         print(line)

@@ -1,0 +1,256 @@
+"""Run the benchmark on a model: a generation column and a log-likelihood column.
+
+- Generation (the paper's protocol): greedy decoding of a few tokens after the prompt of
+  :mod:`dafast.eval.answers`, read by :func:`parse_answer`; an unparseable reply is wrong.
+- Log-likelihood (lm-evaluation-harness's multiple-choice scoring): the summed log-probability
+  of each choice's continuation (" A".." D" or " True"/" False") after the same prompt; the
+  argmax is the model's choice. It cannot be unparseable, and it separates "knows the fact"
+  from "follows the answer format", which matters for base and heavily fine-tuned models.
+
+Both are deterministic: greedy decoding, no sampling, batches formed in a fixed order. Prompts
+are sorted by length so a batch holds similar lengths (less padding); numerics can depend on
+the batch a prompt lands in at the last bit, so compare runs at the same batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from dafast.eval.answers import continuations, encode_prompt, parse_answer, prompt_text
+from dafast.eval.benchmark import Question, load_benchmark
+
+logger = logging.getLogger(__name__)
+
+# The accuracy groups of a summary, in report order.
+GROUPS = ("overall", "basic", "advanced", "mc", "tf", "corpus_only", "not_corpus_only")
+
+
+@dataclasses.dataclass
+class Record:
+    """One question's outcome in both columns."""
+
+    id: str
+    category: str
+    type: str
+    corpus_only: bool
+    gold: str
+    generated: str  # the decoded reply, special tokens dropped
+    parsed: str | None  # None: unparseable
+    correct: bool
+    loglik_choice: str | None = None  # None when the log-likelihood column was not run
+    loglik_correct: bool | None = None
+    loglik_scores: dict[str, float] | None = None  # choice -> summed log-prob
+
+
+@dataclasses.dataclass
+class EvalResult:
+    records: list[Record]
+    summary: dict  # see summarize()
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary, "records": [dataclasses.asdict(r) for r in self.records]}
+
+
+def _in_group(record: Record, group: str) -> bool:
+    return {
+        "overall": True,
+        "basic": record.category == "basic",
+        "advanced": record.category == "advanced",
+        "mc": record.type == "mc",
+        "tf": record.type == "tf",
+        "corpus_only": record.corpus_only,
+        "not_corpus_only": not record.corpus_only,
+    }[group]
+
+
+def summarize(records: Sequence[Record]) -> dict:
+    """Accuracies (fractions in [0, 1]; None for an empty group) of both columns.
+
+    ``{"n": {group: count}, "generation": {group: acc}, "loglik": {group: acc} | None,
+    "unparseable": count}`` with the groups of GROUPS.
+    """
+    def accuracy(flags: list[bool]) -> float | None:
+        return sum(flags) / len(flags) if flags else None
+
+    members = {g: [r for r in records if _in_group(r, g)] for g in GROUPS}
+    has_loglik = bool(records) and all(r.loglik_correct is not None for r in records)
+    return {
+        "n": {g: len(rs) for g, rs in members.items()},
+        "generation": {g: accuracy([r.correct for r in rs]) for g, rs in members.items()},
+        "loglik": (
+            {g: accuracy([bool(r.loglik_correct) for r in rs]) for g, rs in members.items()}
+            if has_loglik else None
+        ),
+        "unparseable": sum(r.parsed is None for r in records),
+    }
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding: every prompt then ends at the last column, where generation starts."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _continuation_ids(tokenizer, prompt: str, text: str) -> list[int]:
+    """Tokens of ``text`` as they follow ``prompt``, split the way lm-evaluation-harness does.
+
+    Encoding prompt+text and cutting off the prompt's tokens keeps tokenizers that merge across
+    the boundary or add a prefix space (SentencePiece) honest; when the prompt's tokens are not
+    a prefix of the joint encoding, the text is encoded alone.
+    """
+    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+    if whole[: len(context)] == context and len(whole) > len(context):
+        return whole[len(context):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _score_continuations(model, prompt: list[int], conts: list[list[int]], pad_id: int) -> list[float]:
+    """Summed log p(continuation | prompt) for each continuation: one right-padded forward."""
+    rows = [prompt + c for c in conts]
+    width = max(len(r) for r in rows)
+    device = next(model.parameters()).device
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logprobs = logits.log_softmax(-1).cpu()
+    scores = []
+    for i, cont in enumerate(conts):
+        # The token at position p is predicted by the logits at p - 1.
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(cont))
+        scores.append(logprobs[i, positions, torch.tensor(cont)].sum().item())
+    return scores
+
+
+def evaluate(
+    model,
+    tokenizer,
+    questions: Sequence[Question],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 8,
+    loglik: bool = True,
+) -> EvalResult:
+    """Ask every question; return per-question records and summary accuracies (both columns).
+
+    ``model`` is a causal LM (transformers), ``tokenizer`` its tokenizer. Runs on the model's
+    device, in its dtype, under inference mode; the model is left in the mode it was in.
+    """
+    from transformers import GenerationConfig
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be at least 1")
+    eos_id = model.generation_config.eos_token_id
+    if eos_id is None:
+        eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_id if isinstance(eos_id, int) else eos_id[0]
+    # An explicit config, so a model's own sampling defaults can never leak in.
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos_id,
+        pad_token_id=pad_id, output_logits=loglik, return_dict_in_generate=True,
+    )
+    device = next(model.parameters()).device
+
+    prompts = [encode_prompt(tokenizer, q.question) for q in questions]
+    conts: list[list[list[int]]] = []
+    if loglik:
+        for q in questions:
+            text = prompt_text(tokenizer, q.question)
+            conts.append([_continuation_ids(tokenizer, text, c) for c in continuations(q.choices)])
+
+    records: list[Record | None] = [None] * len(questions)
+    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(order), batch_size):
+                batch = order[first:first + batch_size]
+                ids, mask = _left_pad([prompts[i] for i in batch], pad_id, device)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+                replies = tokenizer.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
+                # The first generation step's logits are the next-token distribution after the
+                # prompt: single-token continuations are scored from them with no extra forward.
+                first_step = out.logits[0].float().log_softmax(-1).cpu() if loglik else None
+                for row, i in enumerate(batch):
+                    records[i] = _record(model, questions[i], replies[row], prompts[i],
+                                         conts[i] if loglik else None,
+                                         first_step[row] if loglik else None, pad_id)
+                logger.info("evaluated %d/%d questions (%.1f s)", min(first + batch_size, len(order)),
+                            len(order), time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return EvalResult(records, summarize(records))
+
+
+def _record(model, q: Question, reply: str, prompt: list[int], conts, first_step, pad_id) -> Record:
+    parsed = parse_answer(reply, q.type, q.options)
+    record = Record(q.id, q.category, q.type, q.corpus_only, q.answer, reply, parsed,
+                    parsed == q.answer)
+    if conts is not None:
+        if all(len(c) == 1 for c in conts):
+            scores = [first_step[c[0]].item() for c in conts]
+        else:
+            scores = _score_continuations(model, prompt, conts, pad_id)
+        best = max(range(len(scores)), key=lambda k: scores[k])  # ties: the first choice
+        record.loglik_choice = q.choices[best]
+        record.loglik_correct = record.loglik_choice == q.answer
+        record.loglik_scores = dict(zip(q.choices, scores))
+    return record
+
+
+def load_model(model_dir: str | os.PathLike, *, device: str | None = None, dtype=None):
+    """(model, tokenizer) from a local HF directory or the default model's name.
+
+    safetensors only, no remote code, no hub. Defaults: bf16 on CUDA when there is one, else
+    fp32 on CPU (bf16 matmuls on CPU are slow and change greedy answers).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dafast.models import resolve_model
+
+    path = resolve_model(model_dir)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
+    )
+    return model.to(device).eval(), tokenizer
+
+
+def evaluate_dir(
+    model_dir: str | os.PathLike,
+    bench: str | os.PathLike | Sequence[Question] = "builtin:biomat",
+    *,
+    device: str | None = None,
+    dtype=None,
+    limit: int | None = None,
+    **kwargs,
+) -> EvalResult:
+    """Load ``model_dir`` (see load_model) and evaluate it on ``bench`` (path, builtin:NAME or
+    questions); ``limit`` keeps the first N questions; other arguments go to :func:`evaluate`."""
+    questions = load_benchmark(bench) if isinstance(bench, (str, os.PathLike)) else list(bench)
+    if limit is not None:
+        questions = questions[:limit]
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    return evaluate(model, tokenizer, questions, **kwargs)
