@@ -130,11 +130,17 @@ inline at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// Returns (logp [N], lse [N], stats [3 or 0, N], dlogp_dhidden [N, H] or [0]): the last is
+// d logp_i / d hidden_i = W[t_i] - sum_v p_iv W_v in fp32 (0 for ignored tokens) when with_dhidden
+// is set (Backends with kDhiddenInForward only); see dafast/linear_logprobs.h.
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats) {
+    int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats,
+    bool with_dhidden) {
   check_linear_logprobs_inputs(hidden, weight, targets, token_chunk, vocab_chunk);
+  TORCH_CHECK_VALUE(Backend::kDhiddenInForward || !with_dhidden, "dafast.linear_logprobs: "
+                    "with_dhidden is implemented on the CPU only, not on ", hidden.device());
   check_targets_in_range(targets, weight.size(0), ignore_index);
   const int64_t n = hidden.size(0), vocab_size = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -143,7 +149,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
   at::Tensor stats = at::zeros({with_stats ? 3 : 0, n}, f32);
   const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
   const LogprobsRows rows = select_rows(hidden, targets, ignore_index, gemm_dtype);
-  if (rows.count == 0) return {logp, lse, stats};
+  // Allocated only here when some rows are ignored; else it is the running sum below, in place.
+  at::Tensor dhidden = with_dhidden && rows.count < n ? at::zeros(hidden.sizes(), f32)
+                                                      : at::empty({0}, f32);
+  if (rows.count == 0) {
+    return {logp, lse, stats, with_dhidden ? at::zeros(hidden.sizes(), f32) : dhidden};
+  }
 
   const LogprobsTiles<Backend> tiles(hidden, rows.count, vocab_size, token_chunk, vocab_chunk);
   // Running state per row: max, sum_exp, target logit, then the statistics' sums.
@@ -153,6 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
   float* s = state.data_ptr<float>();
   const at::Tensor buffer = at::empty({tiles.tokens * tiles.vocab}, f32);
   const at::Tensor w = weight.contiguous();
+  // sum_v exp(z_v - row_max) W_v per row, in fp32 whatever the GEMM dtype.
+  at::Tensor expected = with_dhidden ? at::zeros({rows.count, hidden.size(1)}, f32) : at::Tensor();
   for (int64_t v0 = 0; v0 < vocab_size; v0 += tiles.vocab) {
     const int64_t cols = std::min(tiles.vocab, vocab_size - v0);
     const at::Tensor w_chunk = tiles.weight_chunk(w, v0, cols);
@@ -164,7 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
       Backend::forward_fold(LogprobsForwardTile{
           z.data_ptr<float>(), nr, cols, cols, v0, rows.targets.data_ptr<int64_t>() + r0,
           s + r0, s + c + r0, s + 2 * c + r0, with_stats ? s + 3 * c + r0 : nullptr,
-          with_stats ? s + 4 * c + r0 : nullptr, with_stats ? s + 5 * c + r0 : nullptr});
+          with_stats ? s + 4 * c + r0 : nullptr, with_stats ? s + 5 * c + r0 : nullptr,
+          with_dhidden ? z.data_ptr<float>() : nullptr,
+          with_dhidden ? expected.data_ptr<float>() + r0 * hidden.size(1) : nullptr,
+          hidden.size(1)});
+      // z now holds exp(z - row_max): the GEMM that the backward would otherwise do on a
+      // recomputed tile, done here once.
+      if (with_dhidden) tiles.accumulate(expected.narrow(0, r0, nr), z, w_chunk);
     }
   }
   const at::Tensor row_lse = state[0] + state[1].log();
@@ -176,7 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
     const at::Tensor top1 = at::logical_and(state[2] >= state[0], state[2] > state[5]).to(at::kFloat);
     rows.scatter(at::stack({entropy, mean_logit, top1}, 1), stats.t());
   }
-  return {logp, lse, stats};
+  if (with_dhidden) {
+    // W[t] - expected / sum_exp, in place.
+    expected.div_(state[1].unsqueeze(1)).neg_().add_(w.index_select(0, rows.targets));
+    dhidden = rows.count < n ? rows.scatter(expected, dhidden) : expected;
+  }
+  return {logp, lse, stats, dhidden};
 }
 
 template <class Backend>

@@ -208,6 +208,9 @@ struct CudaLogprobs {
   static constexpr int64_t kTokenChunk = kCudaTokenChunk;
   static constexpr int64_t kVocabChunk = kCudaVocabChunk;
   static constexpr bool kGemmInFp32 = false;
+  // The CUDA fold does not write probabilities back (and is not yet measured on a GPU): the
+  // backward recomputes the tiles there, and with_dhidden is refused.
+  static constexpr bool kDhiddenInForward = false;
   static void forward_fold(const LogprobsForwardTile& tile) {
     const cudaError_t err =
         linear_logprobs_forward_fold_cuda(tile, c10::cuda::getCurrentCUDAStream());
@@ -222,14 +225,15 @@ struct CudaLogprobs {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats) {
+    int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats,
+    bool with_dhidden) {
   TORCH_CHECK_VALUE(hidden.is_cuda(), "dafast.linear_logprobs: expected CUDA tensors, got ",
                     hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   return linear_logprobs_op<CudaLogprobs>(hidden, weight, targets, ignore_index, token_chunk,
-                                          vocab_chunk, with_stats);
+                                          vocab_chunk, with_stats, with_dhidden);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_cuda(

@@ -67,20 +67,37 @@ def test_logprobs_and_stats_match_float64(device, dtype, n, v):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("n, v", [(7, 49152), (1000, 1000), (300, 50257)])
-def test_gradients_match_float64(device, dtype, n, v):
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable", "frozen"])
+def test_gradients_match_float64(device, dtype, n, v, frozen_head):
+    # A frozen head takes another path on the CPU: dHidden computed in the forward.
     hidden, weight, targets = make_inputs(n, v, dtype, device)
     upstream = torch.randn(n, device=device)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen_head)
     (linear_logprobs(h, w, targets) * upstream).sum().backward()
-    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert h.grad.dtype == dtype and (frozen_head or w.grad.dtype == dtype)
     rh, rw = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     (linear_logprobs_reference(rh, rw, targets) * upstream).sum().backward()
     exact_h, exact_w = golden_grads(hidden, weight, targets, upstream)
     # fp32: 1e-6 of the scale; half precision: the rounding of the gradient to its dtype.
     rtol = 1e-6 if dtype == torch.float32 else 2 ** -8
     assert_accurate(h.grad, exact_h, rh.grad, rtol)
-    assert_accurate(w.grad, exact_w, rw.grad, rtol)
+    if not frozen_head:
+        assert_accurate(w.grad, exact_w, rw.grad, rtol)
     assert (h.grad[targets == -100] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_dhidden_in_forward_matches_float64(dtype):
+    """with_dhidden (CPU): d logp_i / d hidden_i, which is the gradient of sum(logp) for hidden
+    (each logp_i depends on hidden_i alone); 0 for ignored tokens; logp unchanged."""
+    hidden, weight, targets = make_inputs(300, 5003, dtype, "cpu")
+    logp, _, _, dhidden = torch.ops.dafast.linear_logprobs(hidden, weight, targets, -100, 100,
+                                                            333, False, True)
+    assert dhidden.dtype == torch.float32 and dhidden.shape == hidden.shape
+    torch.testing.assert_close(logp, linear_logprobs(hidden, weight, targets), rtol=1e-6, atol=0)
+    exact_h, _ = golden_grads(hidden, weight, targets, torch.ones(300))
+    assert max_err(dhidden, exact_h) <= 1e-6 * exact_h.abs().max().item()
+    assert (dhidden[targets == -100] == 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,7 +118,8 @@ def test_frozen_weight_skips_dw(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunks", [(7, 1000), (100, 333), (4096, 1 << 20)])
-def test_chunk_boundaries_inside_sequences(device, dtype, chunks):
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable", "frozen"])
+def test_chunk_boundaries_inside_sequences(device, dtype, chunks, frozen_head):
     # Four sequences of 256 tokens, flattened: token chunks of 7 or 100 cut through them, vocab
     # chunks of 1000 or 333 do not divide V = 5003 (1 << 20: one chunk of everything).
     hidden, weight, targets = make_inputs(1024, 5003, dtype, device, ignore_every=0)
@@ -109,11 +127,11 @@ def test_chunk_boundaries_inside_sequences(device, dtype, chunks):
     upstream = torch.randn(1024, device=device)
     results = []
     for chunk_size, vocab_chunk_size in [chunks, (None, None)]:
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(not frozen_head)
         logp = linear_logprobs(h, w, targets, chunk_size=chunk_size,
                                vocab_chunk_size=vocab_chunk_size)
         (logp * upstream).sum().backward()
-        results.append((logp, h.grad, w.grad))
+        results.append((logp, h.grad) if frozen_head else (logp, h.grad, w.grad))
     rtol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16 gradients: one rounding apart
     for chunked, default in zip(*results):
         torch.testing.assert_close(chunked.float(), default.float(), rtol=rtol,
@@ -174,6 +192,9 @@ def test_opcheck(device, dtype, with_stats):
     weight.requires_grad_()
     torch.library.opcheck(torch.ops.dafast.linear_logprobs.default,
                           (hidden, weight, targets, -100, 16, 128, with_stats))
+    if device == "cpu":  # with_dhidden: CPU only, used when the head is frozen
+        torch.library.opcheck(torch.ops.dafast.linear_logprobs.default,
+                              (hidden, weight.detach(), targets, -100, 16, 128, with_stats, True))
     lse = torch.ops.dafast.linear_logprobs(hidden, weight, targets)[1]
     for flags in [(True, True), (True, False), (False, True)]:
         torch.library.opcheck(torch.ops.dafast.linear_logprobs_backward.default,

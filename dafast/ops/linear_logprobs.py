@@ -20,6 +20,13 @@ back in hidden's dtype, dW in weight's. On the CPU the GEMMs run in fp32 on upca
 bf16/fp16 inputs (half-precision GEMMs are several times slower there); on CUDA they run in the
 input dtype with fp32 output.
 
+A frozen head on the CPU takes a shortcut, because there the GEMMs are nearly the whole cost:
+d logp_i / d hidden_i = W[t_i] - sum_v softmax_iv W_v does not depend on the upstream gradient,
+so the forward computes it, with one more GEMM per tile on the tile's exp(z - max) already at
+hand, and saves it ([N, H] fp32); the backward is then one multiply. Two GEMMs per step instead
+of three (forward, recompute, dHidden). The forward does this whenever hidden will need a
+gradient and the weight will not.
+
 The reference is the unfused path: logits = hidden @ weight.T in the input dtype, then
 log_softmax in float32 (float64 for float64 inputs) and a gather.
 """
@@ -115,8 +122,12 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not use_native():
         _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
         return linear_logprobs_reference(hidden, weight, targets, ignore_index, return_stats)
-    logp, _, stats = torch.ops.dafast.linear_logprobs(hidden, weight, targets, int(ignore_index),
-                                                      token_chunk, vocab_chunk, return_stats)
+    # See the module docstring: a frozen head's hidden gradient, computed in the forward (CPU).
+    with_dhidden = (hidden.device.type == "cpu" and torch.is_grad_enabled()
+                    and hidden.requires_grad and not weight.requires_grad)
+    logp, _, stats, _ = torch.ops.dafast.linear_logprobs(
+        hidden, weight, targets, int(ignore_index), token_chunk, vocab_chunk, return_stats,
+        with_dhidden)
     if not return_stats:
         return logp
     return logp, LogprobStats(stats[0], stats[1], stats[2] > 0.5)
@@ -126,12 +137,13 @@ if extension_loaded():
 
     @torch.library.register_fake("dafast::linear_logprobs")
     def _linear_logprobs_fake(hidden, weight, targets, ignore_index=-100, token_chunk=0,
-                              vocab_chunk=0, with_stats=False):
+                              vocab_chunk=0, with_stats=False, with_dhidden=False):
         _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32)
         return (hidden.new_empty(n, **f32), hidden.new_empty(n, **f32),
-                hidden.new_empty((3 if with_stats else 0, n), **f32))
+                hidden.new_empty((3 if with_stats else 0, n), **f32),
+                hidden.new_empty(hidden.shape if with_dhidden else (0,), **f32))
 
     @torch.library.register_fake("dafast::linear_logprobs_backward")
     def _linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, lse, ignore_index,
@@ -141,23 +153,27 @@ if extension_loaded():
                 weight.new_empty(weight.shape if weight_grad else (0,)))
 
     def _setup_context(ctx, inputs, output):
-        hidden, weight, targets, ignore_index, token_chunk, vocab_chunk, _ = inputs
-        _, lse, stats = output
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        hidden, weight, targets, ignore_index, token_chunk, vocab_chunk, _, with_dhidden = inputs
+        _, lse, stats, dhidden = output
+        ctx.save_for_backward(hidden, weight, targets, lse, dhidden)
         ctx.config = (ignore_index, token_chunk, vocab_chunk)
-        ctx.mark_non_differentiable(lse, stats)
+        ctx.with_dhidden = with_dhidden
+        ctx.mark_non_differentiable(lse, stats, dhidden)
         ctx.set_materialize_grads(False)
 
-    def _backward(ctx, grad_logp, _grad_lse, _grad_stats):
+    def _backward(ctx, grad_logp, _grad_lse, _grad_stats, _grad_dhidden):
         hidden_grad, weight_grad = ctx.needs_input_grad[:2]
         if grad_logp is None or not (hidden_grad or weight_grad):
-            return (None,) * 7
-        hidden, weight, targets, lse = ctx.saved_tensors
+            return (None,) * 8
+        hidden, weight, targets, lse, dhidden = ctx.saved_tensors
+        if ctx.with_dhidden and not weight_grad:
+            grad_hidden = (grad_logp.float().unsqueeze(1) * dhidden).to(hidden.dtype)
+            return (grad_hidden, None, None, None, None, None, None, None)
         grad_hidden, grad_weight = torch.ops.dafast.linear_logprobs_backward(
             grad_logp.float().contiguous(), hidden, weight, targets, lse, *ctx.config,
             hidden_grad, weight_grad)
         return (grad_hidden if hidden_grad else None, grad_weight if weight_grad else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
     torch.library.register_autograd("dafast::linear_logprobs", _backward,
                                     setup_context=_setup_context)

@@ -9,6 +9,12 @@
 // recomputed tile into the gradient of the logits, g_i * (onehot(t_i) - exp(z - lse_i)), which
 // two more GEMMs turn into dHidden and dW. Rows are tokens whose target is not ignored: the
 // body drops ignored tokens before any GEMM.
+//
+// A frozen head (LoRA) needs only dHidden, and d logp_i / d hidden_i = W[t_i] - sum_v p_iv W_v
+// does not depend on the upstream gradient. On request (CPU) the forward computes it: the fold
+// turns each tile into exp(z - m) in place and one more GEMM adds it times W's chunk to a running
+// [rows, H] sum, rescaled like sum_exp. The backward is then one multiply by the upstream
+// gradient: two GEMMs per step instead of three (forward, recompute, dHidden).
 #pragma once
 
 #include <cstdint>
@@ -32,6 +38,13 @@ struct LogprobsForwardTile {
   float* sum_z;              // sum of z                         (mean logit = sum_z / V)
   float* max_before_target;  // max of z over v < target, -inf at start (target is top-1 when
                              // z[target] >= max and z[target] > max_before_target: first argmax)
+  // d logp / d hidden in the forward (CPU, frozen head), both null unless requested. The fold
+  // writes exp(z - row_max) to `probs` (may alias logits: the target logit and the statistics
+  // are read first) and rescales row r of `expected` ([rows, hidden_size], contiguous: the
+  // running sum of exp(z_v - row_max) W_v, which the body's GEMM adds to) when row_max grows.
+  float* probs;
+  float* expected;
+  int64_t hidden_size;
 };
 
 // The backward fold: grad[r, c] = upstream[r] * ([vocab_start + c == target] - exp(z - lse[r])).

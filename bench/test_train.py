@@ -1,0 +1,120 @@
+"""One optimisation step of the SFT and DPO stages: dafast against plain TRL + PEFT, same run.
+
+    pytest bench/test_train.py --benchmark-autosave && python bench/compare.py
+
+Both roles build the same TRL trainer through dafast.stages on SmolLM2-135M-Instruct (the
+embedded model), LoRA r16 on every linear layer, fp32, a batch of 4 sequences x 512 tokens (DPO:
+4 pairs of prompt + completion = 512 tokens each); DAFAST_BENCH_BATCH / DAFAST_BENCH_SEQ change
+it. "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's LoRA layers);
+"dafast" gives the trainer dafast's fused head and patches the LoRA layers onto dafast's kernel.
+A step is TRL's training_step (forward, loss, backward; for DPO also the reference forward with
+the adapter disabled) plus the AdamW update. extra_info: tokens/s (median) and the peak RSS of a
+separate process that builds the trainer and takes one step, absolute and above the RSS with the
+model loaded.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dafast
+import dafast.fused_head
+import dafast.lora
+from dafast import data
+from dafast.recipe import Recipe
+from dafast.stages import base
+
+BATCH = int(os.environ.get("DAFAST_BENCH_BATCH", "4"))
+SEQ = int(os.environ.get("DAFAST_BENCH_SEQ", "512"))
+
+
+def corpus_tokens(tokenizer, count: int) -> list[list[int]]:
+    """`count` chunks of SEQ - 1 corpus tokens (the bundled CPT text, so real token statistics)."""
+    texts = [row["text"] for row in data.load_rows("builtin:biomat", "cpt")]
+    chunks = data.pack_corpus(texts, tokenizer, SEQ)
+    return [chunk[1:] for chunk in chunks[:count]]
+
+
+def build_dataset(kind: str, tokenizer):
+    from datasets import Dataset
+
+    if kind == "sft":
+        rows = [[tokenizer.bos_token_id] + ids for ids in corpus_tokens(tokenizer, BATCH)]
+        return Dataset.from_dict({"input_ids": rows, "labels": rows})
+    prompt_len = SEQ // 4
+    rows = []
+    for i, ids in enumerate(corpus_tokens(tokenizer, 2 * BATCH)[::2]):
+        other = corpus_tokens(tokenizer, 2 * BATCH)[2 * i + 1]
+        rows.append({"prompt": tokenizer.decode(ids[:prompt_len]),
+                     "chosen": tokenizer.decode(ids[prompt_len:SEQ - 8]),
+                     "rejected": tokenizer.decode(other[prompt_len:SEQ - 8])})
+    return Dataset.from_list(rows)
+
+
+def build_step(kind: str, role: str):
+    """The trainer's step function and the number of tokens a step processes."""
+    from dafast.models import default_model_dir
+
+    dafast.fused_head.use_in_trl(role == "dafast")
+    settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
+    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), **{kind: settings})
+    module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
+    model, tokenizer = base.load_model(default_model_dir(), torch.float32)
+    arguments = base.trainer_arguments(recipe, recipe.stage(kind), Path("/tmp/dafast-bench-train"))
+    trainer = module.build_trainer(kind, recipe.stage(kind), model, tokenizer,
+                                   build_dataset(kind, tokenizer), arguments,
+                                   base.peft_config(recipe), [])
+    if role == "dafast":
+        dafast.lora.patch(trainer.model)
+    trainer.model.train()
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
+    batch = next(iter(trainer.get_train_dataloader()))
+    tokens = int(sum(v.ne(tokenizer.pad_token_id).sum() for k, v in batch.items()
+                     if k.endswith("input_ids")))
+
+    def step():
+        loss = trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step, tokens
+
+
+def peak_rss_mib(kind: str, role: str) -> tuple[float, float]:
+    """(peak RSS, peak minus the RSS once the trainer is built) of a fresh process, MiB."""
+    code = ("import resource, sys\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_train import build_step\n"
+            "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+            f"step, _ = build_step({kind!r}, {role!r})\n"
+            "built = rss()\nstep()\n"
+            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+            "print(peak, peak - built)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak, above = map(float, result.stdout.split()[-2:])
+    return round(peak, 1), round(above, 1)
+
+
+@pytest.mark.parametrize("role", ["dafast", "peer"])
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_stage_step(benchmark, kind, role):
+    step, tokens = build_step(kind, role)
+    benchmark.group = f"{kind} step SmolLM2-135M LoRA r16 fp32 {BATCH}x{SEQ}"
+    benchmark.extra_info["role"] = role
+    losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    dafast.fused_head.use_in_trl(True)
+    if benchmark.stats is not None:
+        benchmark.extra_info["tokens_per_s"] = round(tokens / benchmark.stats.stats.median, 1)
+        if not torch.cuda.is_available():
+            peak, above = peak_rss_mib(kind, role)
+            benchmark.extra_info["peak_rss_MiB"] = peak
+            benchmark.extra_info["step_rss_MiB"] = above
+    assert losses == losses  # a finite loss, not NaN
