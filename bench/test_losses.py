@@ -6,7 +6,9 @@ fused losses join on a GPU, role "liger"). Peer and baseline get the same loss a
 top of their per-token log-probs (dafast.losses' formulas), so only the log-prob path differs.
 
     pytest bench/test_losses.py --benchmark-autosave -s && python bench/compare.py
-    DAFAST_BENCH_BATCH=1 DAFAST_BENCH_SEQ=128 pytest bench/test_losses.py --benchmark-disable  # smoke
+    DAFAST_BENCH_BATCH=1 DAFAST_BENCH_SEQ=128 pytest bench/test_losses.py --benchmark-disable
+
+The second is CI's smoke run: one untimed step each, on a 4099-entry vocabulary.
 
 Shapes (CPU): 4 pairs (8 sequences) x 1024 tokens, H 576, V 49152 (SmolLM2's head), fp32 and
 bf16; CE scores the same 8 sequences. GPU: 4 pairs x 2048, H 4096, V 128256 (Llama-3.1-8B),
@@ -18,7 +20,8 @@ fine-tuning). DPO uses precomputed reference log-probs.
 extra_info["peak_MiB"]: on the CPU the peak RSS increase of a fresh process over its RSS once the
 inputs are allocated, during one step (first call, after a tiny warm-up GEMM); on a GPU the peak
 allocated memory beyond the inputs. ATen's bf16 GEMMs run at a few GFLOP/s on CPUs without bf16
-units, so there the bf16 peer and baseline take minutes per step and run one round.
+units, so there the bf16 peer and baseline run one round: TRL's step takes over a minute, the
+unfused one about ten minutes (2-core EPYC), so that one runs only with DAFAST_BENCH_SLOW=1.
 """
 
 import math
@@ -46,6 +49,7 @@ else:
     H, V, SEQ, DTYPES = 576, 49152, 1024, [torch.float32, torch.bfloat16]
 PAIRS = int(os.environ.get("DAFAST_BENCH_BATCH", "4"))
 SEQ = int(os.environ.get("DAFAST_BENCH_SEQ", str(SEQ)))
+SLOW = os.environ.get("DAFAST_BENCH_SLOW") == "1"  # see the module docstring
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, what its fused head passes
 BETA = 0.1
 ROLES = ["dafast", "peer", "baseline"] + (["liger"] if CUDA else [])
@@ -76,7 +80,8 @@ def make_inputs(dtype, head, vocab=V):
 
 def baseline_token_logps(hidden, weight, labels):
     h, t = hidden[:, :-1], labels[:, 1:]
-    return linear_logprobs_reference(h.reshape(-1, h.shape[-1]), weight, t.reshape(-1)).view(t.shape)
+    logp = linear_logprobs_reference(h.reshape(-1, h.shape[-1]), weight, t.reshape(-1))
+    return logp.view(t.shape)
 
 
 def trl_token_logps(hidden, weight, labels):
@@ -88,8 +93,8 @@ def trl_token_logps(hidden, weight, labels):
     if _use_triton(h.device):
         logp = apply(h[mask], weight, None, t[mask], 1.0, TRL_CHUNK, None, 1.0, ("log_probs",))[0]
         return logp.new_zeros(mask.shape).masked_scatter(mask, logp)
-    logp = apply(h.reshape(-1, h.shape[-1]), weight, None, t.clamp(min=0).reshape(-1), 1.0, TRL_CHUNK, None,
-                 1.0, ("log_probs",))[0]
+    logp = apply(h.reshape(-1, h.shape[-1]), weight, None, t.clamp(min=0).reshape(-1), 1.0,
+                 TRL_CHUNK, None, 1.0, ("log_probs",))[0]
     return logp.view(mask.shape).masked_fill(~mask, 0)
 
 
@@ -227,6 +232,9 @@ def test_loss_step(benchmark, loss, head, dtype, role):
     slow = dtype != torch.float32 and not CUDA and role != "dafast"
     if slow and benchmark.disabled:
         pytest.skip("ATen's bf16 GEMMs take seconds even at smoke shapes on this CPU")
+    if slow and role == "baseline" and not SLOW:
+        pytest.skip("the CPU's bf16 unfused step takes ~10 min (and its memory run as much again): "
+                    "DAFAST_BENCH_SLOW=1 runs it")
     step, inputs = build_step(loss, dtype, head, role, SMOKE_VOCAB if benchmark.disabled else V)
     tokens = 2 * PAIRS * SEQ
     benchmark.group = (f"{loss} fwd+bwd {head} head {dtype_id(dtype)} {2 * PAIRS}x{SEQ} "
