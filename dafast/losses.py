@@ -71,9 +71,15 @@ def dpo_loss_from_logps(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
     rejected_logratios = rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    metrics = {
+    metrics = _preference_metrics(beta * chosen_logratios, beta * rejected_logratios,
+                                  chosen_logps, rejected_logps)
+    return losses.mean(), metrics
+
+
+def _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """The reward and log-prob metrics TRL's DPO and ORPO trainers log, detached."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
@@ -81,7 +87,6 @@ def dpo_loss_from_logps(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
     }
-    return losses.mean(), metrics
 
 
 def dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -146,14 +151,8 @@ def orpo_loss_from_token_logps(logp: torch.Tensor, labels: torch.Tensor,
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     ratio = F.logsigmoid(log_odds)
     loss = nll_loss - beta * ratio.mean()
-    chosen_rewards, rejected_rewards = beta * chosen.detach(), beta * rejected.detach()
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen.detach().mean(),
-        "logps/rejected": rejected.detach().mean(),
+        **_preference_metrics(beta * chosen, beta * rejected, chosen, rejected),
         "nll_loss": nll_loss.detach(),
         "log_odds_ratio": ratio.detach().mean(),
         "log_odds_chosen": log_odds.detach().mean(),

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -100,9 +101,7 @@ def _run_node(node: Node, nodes: dict[str, Node], recipe: Recipe, root: Path) ->
         if not (out / MERGE_DONE).is_file():
             from dafast.merge import slerp_merge
 
-            if out.exists():  # a merge is written to a temporary directory, then renamed:
-                import shutil  # an existing directory without the marker is a stale result
-
+            if out.exists():  # merges are renamed into place: no marker means a stale result
                 shutil.rmtree(out)
             stats = slerp_merge(instruct, trained, out, t=recipe.merge.t, dtype=recipe.merge.dtype)
             (out / MERGE_DONE).write_text(json.dumps(stats, default=str))
