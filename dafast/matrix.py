@@ -48,6 +48,8 @@ class Node:
     seconds: float = 0.0
     model_dir: Path | None = None
     summary: dict | None = field(default=None, repr=False)
+    recipe: Recipe | None = field(default=None, repr=False)  # a stage: its (swept) settings
+    merge_t: object = None         # a merge: its t-schedule (None: the paper's)
 
 
 def _hash(*parts) -> str:
@@ -55,11 +57,57 @@ def _hash(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _data_identity(source: str, kind: str) -> str:
+    """A data or benchmark file by its contents, so an edited file is not mistaken for a done
+    one; a missing file keeps its name (the stage then fails, saying so)."""
+    from dafast.data import DataError, resolve_source
+
+    try:
+        return _file_digest(resolve_source(source, kind))
+    except DataError:
+        return source
+
+
+def _model_identity(path: Path) -> dict:
+    """A starting model: its config, and its weight files by name and size (hashing gigabytes
+    of weights on every plan would cost more than it protects)."""
+    config = path / "config.json"
+    return {"config": _file_digest(config) if config.is_file() else None,
+            "weights": sorted((p.name, p.stat().st_size) for p in path.glob("*.safetensors"))}
+
+
 def _training_identity(recipe: Recipe, kind: str) -> dict:
     """What a stage's result depends on (not: kernels, logging, checkpoint frequency)."""
-    return {"settings": recipe.stage(kind).model_dump(), "finetune": recipe.finetune,
+    import torch
+
+    settings = recipe.stage(kind)
+    dtype = recipe.dtype
+    if dtype == "auto":  # as dafast.stages.base.training_dtype resolves it
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    return {"settings": settings.model_dump(exclude={"data"}),  # the data by contents instead
+            "data": _data_identity(settings.data, kind),
+            "finetune": recipe.finetune,
             "lora": recipe.lora.model_dump() if recipe.finetune == "lora" else None,
-            "seed": recipe.seed, "dtype": recipe.dtype}
+            "seed": recipe.seed, "dtype": dtype}
+
+
+def _cpt_variants(recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """The recipe's CPT, named "cpt", and one variant per swept epoch count, named "cpt_eN"."""
+    variants = [("cpt", recipe)]
+    for epochs in dict.fromkeys(recipe.sweep.cpt_epochs):
+        if epochs != recipe.cpt.epochs:
+            cpt = recipe.cpt.model_copy(update={"epochs": epochs})
+            variants.append((f"cpt_e{epochs:g}", recipe.model_copy(update={"cpt": cpt})))
+    return variants
+
+
+def _merge_schedules(recipe: Recipe) -> dict[str, object]:
+    """Merge-name suffix -> t: the recipe's t ("") and the named alternatives."""
+    return {"": recipe.merge.t, **{f"_{name}": t for name, t in recipe.merge.alternatives.items()}}
 
 
 def build_plan(recipe: Recipe) -> dict[str, Node]:
@@ -70,25 +118,30 @@ def build_plan(recipe: Recipe) -> dict[str, Node]:
         starts["base"] = recipe.base_model
     for start, model in starts.items():
         source = resolve_model(model)
-        nodes[start] = Node(start, "model", [], _hash("model", str(source)), evaluate=True,
-                            source=source)
+        nodes[start] = Node(start, "model", [], _hash("model", _model_identity(source)),
+                            evaluate=True, source=source)
     for start in starts:
-        for pipeline in recipe.pipelines:
-            parent = start
-            stages = pipeline.split("-")
-            for i, kind in enumerate(stages):
-                name = "-".join(stages[:i + 1])
-                name = name if start == "instruct" else f"{start}-{name}"
-                if name not in nodes:
-                    key = _hash(kind, _training_identity(recipe, kind), nodes[parent].key)
-                    nodes[name] = Node(name, kind, [parent], key)
-                parent = name
-            nodes[parent].evaluate = True
+        for cpt_name, variant in _cpt_variants(recipe):
+            for pipeline in recipe.pipelines:
+                parent = start
+                stages = pipeline.split("-")
+                names = [cpt_name if kind == "cpt" else kind for kind in stages]
+                for i, kind in enumerate(stages):
+                    name = "-".join(names[:i + 1])
+                    name = name if start == "instruct" else f"{start}-{name}"
+                    if name not in nodes:
+                        key = _hash(kind, _training_identity(variant, kind), nodes[parent].key)
+                        nodes[name] = Node(name, kind, [parent], key, recipe=variant)
+                    parent = name
+                nodes[parent].evaluate = True
     if recipe.merge is not None:
         for trained in [n for n in nodes.values() if n.evaluate and n.kind != "model"]:
-            name = f"{trained.name}-slerp"
-            key = _hash("slerp", recipe.merge.model_dump(), trained.key, nodes["instruct"].key)
-            nodes[name] = Node(name, "merge", [trained.name, "instruct"], key, evaluate=True)
+            for suffix, t in _merge_schedules(recipe).items():
+                name = f"{trained.name}-slerp{suffix}"
+                settings = {"t": t, "dtype": recipe.merge.dtype}
+                key = _hash("slerp", settings, trained.key, nodes["instruct"].key)
+                nodes[name] = Node(name, "merge", [trained.name, "instruct"], key, evaluate=True,
+                                   merge_t=t)
     return nodes
 
 
@@ -103,13 +156,13 @@ def _run_node(node: Node, nodes: dict[str, Node], recipe: Recipe, root: Path) ->
 
             if out.exists():  # merges are renamed into place: no marker means a stale result
                 shutil.rmtree(out)
-            stats = slerp_merge(instruct, trained, out, t=recipe.merge.t, dtype=recipe.merge.dtype)
+            stats = slerp_merge(instruct, trained, out, t=node.merge_t, dtype=recipe.merge.dtype)
             (out / MERGE_DONE).write_text(json.dumps(stats, default=str))
         return out
     from dafast.stages import run_stage
 
     parent = nodes[node.parents[0]]
-    return run_stage(node.kind, recipe, parent.model_dir, root / "stages" / f"{node.name}-{node.key}")
+    return run_stage(node.kind, node.recipe, parent.model_dir, root / "stages" / f"{node.name}-{node.key}")
 
 
 def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
@@ -117,7 +170,11 @@ def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
     from dafast.eval.runner import evaluate_dir
 
     settings = recipe.eval
-    path = root / "eval" / f"{node.name}-{_hash(node.key, settings.model_dump())}.json"
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # bf16 there, fp32 here (runner)
+    key = _hash(node.key, settings.model_dump(), _data_identity(settings.bench, "eval"), device)
+    path = root / "eval" / f"{node.name}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     result = evaluate_dir(node.model_dir, settings.bench, batch_size=settings.batch_size,
@@ -158,7 +215,14 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
         node.seconds = time.time() - started
     if main_process and recipe.eval is not None:
         for node in nodes.values():
-            if node.evaluate and node.status == "done":
+            if not node.evaluate or node.status != "done":
+                continue
+            # A merge is read against its parents' scores: one whose parent failed evaluation
+            # is skipped like any other descendant of a failure.
+            unevaluated = [p for p in node.parents if nodes[p].status != "done"]
+            if node.kind == "merge" and unevaluated:
+                node.status, node.error = "skipped", f"{unevaluated[0]} was not evaluated"
+            else:
                 started = time.time()
                 try:
                     node.summary = _evaluate(node, recipe, root)["summary"]

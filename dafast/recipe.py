@@ -10,6 +10,7 @@ the default recipe is the paper's whole strategy matrix. Every field carries its
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,30 @@ class MergeSettings(Settings):
                    "or filters); null: the paper's schedule. t=0 keeps the instruct model")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of "
                                                                "the merged weights")
+    alternatives: dict[str, Any] = Field({}, description="more t-schedules, NAME: t, each also "
+                                         "merged with every trained model (the paper's t sweep); "
+                                         "the variants are named MODEL-slerp_NAME")
+
+    @field_validator("alternatives")
+    @classmethod
+    def _names_are_directory_safe(cls, alternatives: dict[str, Any]) -> dict[str, Any]:
+        for name in alternatives:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", name):
+                raise ValueError(f"schedule name {name!r}: use letters, digits, '_' and '.'")
+        return alternatives
+
+
+class SweepSettings(Settings):
+    cpt_epochs: list[float] = Field([], description="more CPT epoch counts (the paper's 1-5 "
+                                    "epoch sweep): every pipeline is also trained from a CPT of "
+                                    "each, its nodes named cpt_eN, cpt_eN-sft, ...")
+
+    @field_validator("cpt_epochs")
+    @classmethod
+    def _positive(cls, epochs: list[float]) -> list[float]:
+        if any(e <= 0 for e in epochs):
+            raise ValueError(f"epoch counts must be > 0, got {epochs}")
+        return epochs
 
 
 class EvalSettings(Settings):
@@ -98,6 +123,8 @@ class Recipe(Settings):
     orpo: ORPOSettings = Field(default_factory=ORPOSettings, description="ORPO")
     merge: MergeSettings | None = Field(default_factory=MergeSettings, description="SLERP-merge "
                                         "every trained model with `model` (null: no merges)")
+    sweep: SweepSettings = Field(default_factory=SweepSettings, description="extra variants "
+                                 "for the paper's sweeps")
     eval: EvalSettings | None = Field(default_factory=EvalSettings, description="benchmark every "
                                       "model and write the report (null: no evaluation)")
     logging_steps: int = Field(1, ge=1, description="log metrics every N steps")

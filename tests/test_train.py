@@ -21,25 +21,6 @@ STEPS = 6
 FAST = dict(max_steps=STEPS, batch_size=2, max_length=96, learning_rate=2e-2, lr_scheduler="constant")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A 2-layer Llama (hidden 32) with SmolLM2's tokenizer and chat template, tied embeddings."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from dafast.models import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def small_data(tmp_path: Path, kind: str, rows: int = 8) -> str:
     """The first rows of the bundled data for `kind`, as a user-supplied file."""
     lines = data.resolve_source("builtin:biomat", kind).read_text().splitlines()[:rows]
@@ -55,7 +36,7 @@ def recipe_for(tmp_path, **overrides) -> Recipe:
                   merge=None, eval=None, **stages)
     for key, value in overrides.items():
         if isinstance(value, dict):
-            fields[key] = {**fields.get(key, {}), **value}
+            fields[key] = {**(fields.get(key) or {}), **value}
         else:
             fields[key] = value
     return Recipe(**fields)

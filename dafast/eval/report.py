@@ -88,9 +88,14 @@ def _csv_rows(rows: Sequence[Mapping]) -> list[list]:
     return lines
 
 
+def _cell(value) -> str:
+    """A table cell: a '|' or a line break (error messages have both) would end it early."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+
 def _table(header: list[str], lines: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(cell) for cell in line) + " |" for line in lines]
+    out += ["| " + " | ".join(_cell(cell) for cell in line) + " |" for line in lines]
     return "\n".join(out)
 
 

@@ -33,8 +33,9 @@ def diversity(p1: float, p2: float) -> float:
     return abs(p1 - p2)
 
 
-def is_merge(variant: str) -> bool:
-    return variant.upper().endswith(MERGE_SUFFIX)
+def is_merge(row: dict) -> bool:
+    """A row with ``parents``, or one named ``<X>-SLERP``."""
+    return bool(row.get("parents")) or row["variant"].upper().endswith(MERGE_SUFFIX)
 
 
 def merge_parents(row: dict, instruct: str) -> list[str]:
@@ -74,7 +75,7 @@ def synergy_table(
         instruct = next((name for name in by_name if name.lower() == "instruct"), "Instruct")
     table = []
     for row in rows:
-        if not is_merge(row["variant"]):
+        if not is_merge(row):
             continue
         parent, base = merge_parents(row, instruct)
         for name in (parent, base):

@@ -1,0 +1,305 @@
+"""The strategy matrix (dafast.matrix) end to end on the tiny Llama of tests/conftest.py.
+
+One run of the [cpt, cpt-sft] pipelines with SLERP merges and a 6-question benchmark is shared
+by the module: its report covers every variant and agrees with the cached evals; a rerun
+computes nothing and a changed SFT setting recomputes only what depends on SFT; a stage
+interrupted mid-training resumes from its checkpoint (and a merge without its marker is redone);
+a failing node fails only its descendants, the report lists it and the CLI exits with 1.
+Tests that rerun the matrix work on a copy of the shared run's output directory.
+"""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import TrainerCallback
+
+import dafast.eval.runner
+import dafast.merge
+from dafast import matrix, train
+from dafast.recipe import Recipe
+from dafast.stages import base
+from test_train import losses, recipe_for
+
+PLAN = ["instruct", "cpt", "cpt-sft", "cpt-slerp", "cpt-sft-slerp"]  # all evaluated
+QUESTIONS = 6
+
+
+def with_changes(recipe: Recipe, **changes) -> Recipe:
+    """`recipe` with fields replaced (a dict updates a section), validated again."""
+    fields = recipe.model_dump()
+    for key, value in changes.items():
+        fields[key] = {**(fields[key] or {}), **value} if isinstance(value, dict) else value
+    return Recipe.model_validate(fields)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model, tmp_path_factory):
+    """(recipe, nodes) of the shared run. Not to be written to: rerun on a copy (`copy_of`)."""
+    recipe = recipe_for(tmp_path_factory.mktemp("matrix"), model=str(tiny_model),
+                        pipelines=["cpt", "cpt-sft"], merge=dict(dtype="float32"),
+                        eval=dict(limit=QUESTIONS, batch_size=3))
+    return recipe, matrix.run(recipe)
+
+
+def copy_of(first_run, tmp_path: Path, **changes) -> Recipe:
+    """The shared run's recipe (with `changes`) writing to a copy of its output directory."""
+    recipe, _ = first_run
+    shutil.copytree(recipe.output_dir, tmp_path / "run")
+    return with_changes(recipe, output_dir=str(tmp_path / "run"), **changes)
+
+
+@pytest.fixture
+def work(monkeypatch):
+    """The directories that get trained, merged into and evaluated, in call order."""
+    done = {"train": [], "merge": [], "eval": []}
+
+    def spy(module, function, kind, position):
+        real = getattr(module, function)
+
+        def recording(*args, **kwargs):
+            done[kind].append(Path(args[position]))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, function, recording)
+
+    spy(base, "train", "train", 1)                               # (trainer, stage_dir)
+    spy(dafast.merge, "slerp_merge", "merge", 2)                 # (instruct, trained, out)
+    spy(dafast.eval.runner, "evaluate_dir", "eval", 0)           # (model_dir, ...)
+    return done
+
+
+def files(root: Path) -> dict[str, int]:
+    """Every file the nodes wrote (the report aside), with its modification time."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and "report" not in p.relative_to(root).parts}
+
+
+def report_rows(root: Path) -> dict[str, dict]:
+    with open(root / "report" / "results.csv", newline="") as f:
+        return {row["variant"]: row for row in csv.DictReader(f)}
+
+
+def test_report_covers_every_variant_and_agrees_with_the_cached_evals(first_run):
+    recipe, nodes = first_run
+    root = Path(recipe.output_dir)
+    assert {n: node.status for n, node in nodes.items()} == dict.fromkeys(PLAN, "done")
+    assert [n for n, node in nodes.items() if node.evaluate] == PLAN
+    assert nodes["cpt-sft"].parents == ["cpt"]
+    assert nodes["cpt-sft-slerp"].parents == ["cpt-sft", "instruct"]
+
+    rows = report_rows(root)
+    assert sorted(rows) == sorted(PLAN)
+    assert rows["cpt-sft-slerp"]["parents"] == "cpt-sft;instruct" and rows["cpt"]["parents"] == ""
+    cached = {p.name.rsplit("-", 1)[0]: json.loads(p.read_text())  # NAME-HASH.json
+              for p in (root / "eval").glob("*.json")}
+    assert sorted(cached) == sorted(PLAN)
+    for name, payload in cached.items():
+        records = payload["records"]
+        assert len(records) == QUESTIONS and int(rows[name]["n"]) == QUESTIONS
+        generation = sum(r["correct"] for r in records) / QUESTIONS
+        loglik = sum(r["loglik_correct"] for r in records) / QUESTIONS
+        assert payload["summary"]["generation"]["overall"] == pytest.approx(generation)
+        assert payload["summary"]["loglik"]["overall"] == pytest.approx(loglik)
+        for column in ("generation", "loglik"):  # the CSV holds the cached summary, group by group
+            for group, accuracy in payload["summary"][column].items():
+                cell = rows[name][f"{column}_{group}"]
+                if accuracy is None:
+                    assert cell == ""
+                else:
+                    assert float(cell) == pytest.approx(accuracy, abs=5e-5)
+        assert int(rows[name]["unparseable"]) == sum(r["parsed"] is None for r in records)
+        assert nodes[name].summary == payload["summary"]
+
+    report = root / "report"
+    for plot in ("accuracy.png", "synergy.png", "loss.png"):
+        image = (report / plot).read_bytes()
+        assert image.startswith(b"\x89PNG") and len(image) > 1000, plot
+    markdown = (report / "report.md").read_text()
+    for name in PLAN:
+        assert f"| {name} |" in markdown
+    assert "## Synergy of merges" in markdown and "## Failed" not in markdown
+    assert "cpt-slerp (cpt × instruct)" in markdown
+    assert "cpt-sft-slerp (cpt-sft × instruct)" in markdown
+    curves = json.loads((report / "report.json").read_text())["loss_curves"]
+    assert sorted(curves) == ["cpt", "cpt-sft"] and all(len(c) == 6 for c in curves.values())
+
+
+def test_rerun_reuses_every_node_and_a_changed_setting_recomputes_only_its_descendants(
+        first_run, tmp_path, work):
+    recipe = copy_of(first_run, tmp_path)
+    root = Path(recipe.output_dir)
+    before = files(root)
+    nodes = matrix.run(recipe)
+    assert {n: node.status for n, node in nodes.items()} == dict.fromkeys(PLAN, "done")
+    assert work == {"train": [], "merge": [], "eval": []}
+    assert files(root) == before
+    assert {n: node.summary for n, node in nodes.items()} == {
+        n: node.summary for n, node in first_run[1].items()}
+    assert report_rows(root) == report_rows(Path(first_run[0].output_dir))
+
+    changed = matrix.run(with_changes(recipe, sft=dict(learning_rate=1e-3)))
+    assert {n: node.status for n, node in changed.items()} == dict.fromkeys(PLAN, "done")
+    for reused in ("instruct", "cpt", "cpt-slerp"):
+        assert changed[reused].model_dir == nodes[reused].model_dir
+    for recomputed in ("cpt-sft", "cpt-sft-slerp"):
+        assert changed[recomputed].key != nodes[recomputed].key
+    assert work["train"] == [changed["cpt-sft"].model_dir.parent]
+    assert work["merge"] == [changed["cpt-sft-slerp"].model_dir]
+    assert work["eval"] == [changed["cpt-sft"].model_dir, changed["cpt-sft-slerp"].model_dir]
+    after = files(root)
+    assert {k: after.get(k) for k in before} == before  # the old SFT stays, for the old setting
+
+    new_cpt = matrix.build_plan(with_changes(recipe, cpt=dict(learning_rate=1e-3)))
+    assert [n for n in PLAN if new_cpt[n].key == nodes[n].key] == ["instruct"]  # all below CPT
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAtStep3(TrainerCallback):
+    def on_log(self, args, state, control, **kwargs):
+        if state.global_step == 3:  # step 3 logged, past the checkpoint of step 2
+            raise Killed
+
+
+class StepsTaken(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_interrupted_stage_resumes_and_an_unmarked_merge_is_redone(first_run, tmp_path, monkeypatch):
+    recipe = copy_of(first_run, tmp_path)
+    root = Path(recipe.output_dir)
+    for derived in [*root.glob("stages/cpt-sft-*"), *root.glob("merges/cpt-sft-*"),
+                    *root.glob("eval/cpt-sft-*")]:  # as if the run had never reached cpt-sft
+        shutil.rmtree(derived) if derived.is_dir() else derived.unlink()
+    plan = matrix.build_plan(recipe)
+    stage_dir = root / "stages" / f"cpt-sft-{plan['cpt-sft'].key}"
+    train_stage = base.train
+
+    def train_with(callback):
+        monkeypatch.setattr(base, "train", lambda trainer, d: (trainer.add_callback(callback),
+                                                               train_stage(trainer, d)))
+
+    train_with(KillAtStep3())
+    nodes = matrix.run(recipe)
+    assert nodes["cpt-sft"].status == "failed" and nodes["cpt-sft"].error.startswith("Killed")
+    assert nodes["cpt-sft-slerp"].status == "skipped" and nodes["cpt-slerp"].status == "done"
+    assert not base.is_complete(stage_dir) and len(losses(stage_dir)) == 3
+    assert Path(base.last_checkpoint(stage_dir)).name == "checkpoint-2"
+    unmarked = root / "merges" / f"cpt-sft-slerp-{plan['cpt-sft-slerp'].key}"
+    unmarked.mkdir(parents=True)  # a merge directory without merge.json: stopped before its marker
+    (unmarked / "model.safetensors").write_bytes(b"truncated")
+
+    resumed = StepsTaken()
+    train_with(resumed)
+    nodes = matrix.run(recipe)
+    assert {n: node.status for n, node in nodes.items()} == dict.fromkeys(PLAN, "done")
+    assert resumed.steps == [3, 4, 5, 6]  # from the checkpoint of step 2, cpt not retrained
+    uninterrupted = first_run[1]["cpt-sft"].model_dir.parent
+    assert losses(stage_dir) == pytest.approx(losses(uninterrupted), rel=1e-6)
+    assert base.is_complete(stage_dir) and not (stage_dir / "checkpoints").exists()
+    assert (unmarked / "merge.json").is_file()
+    assert (unmarked / "model.safetensors").read_bytes() != b"truncated"
+    assert sorted(report_rows(root)) == sorted(PLAN)
+    assert "## Failed" not in (root / "report" / "report.md").read_text()
+
+
+def test_failing_node_fails_only_its_descendants(first_run, tmp_path, capsys):
+    bad = tmp_path / "bad_sft.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                   '"content": "a"}]}\n{"messages": [{"role": "robot", "content": "q"}]}\n')
+    recipe = copy_of(first_run, tmp_path, sft=dict(data=str(bad)),
+                     pipelines=["cpt", "cpt-sft", "cpt-sft-dpo"])
+    root = Path(recipe.output_dir)
+    nodes = matrix.run(recipe)
+    assert {n: node.status for n, node in nodes.items()} == {
+        "instruct": "done", "cpt": "done", "cpt-sft": "failed", "cpt-sft-dpo": "skipped",
+        "cpt-slerp": "done", "cpt-sft-slerp": "skipped", "cpt-sft-dpo-slerp": "skipped"}
+    error = nodes["cpt-sft"].error
+    assert error.startswith("DataError: ") and "bad_sft.jsonl:2" in error
+    assert nodes["cpt-sft-dpo"].error == nodes["cpt-sft-slerp"].error == "cpt-sft did not finish"
+    assert [n for n, node in nodes.items() if node.summary] == ["instruct", "cpt", "cpt-slerp"]
+    assert sorted(report_rows(root)) == ["cpt", "cpt-slerp", "instruct"]
+    markdown = (root / "report" / "report.md").read_text()
+    failed = markdown.split("## Failed", 1)[1].split("\n## ", 1)[0]
+    assert f"| cpt-sft | {error} |" in failed
+    for skipped in ("cpt-sft-dpo", "cpt-sft-slerp", "cpt-sft-dpo-slerp"):  # each names its parent
+        assert f"| {skipped} | {nodes[skipped].parents[0]} did not finish |" in failed
+    assert "cpt-slerp (cpt × instruct)" in markdown
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    assert train.main([str(path)]) == 1
+    assert "DataError" in capsys.readouterr().out
+
+
+def test_sweeps_add_cpt_epoch_and_t_schedule_variants(first_run, tmp_path, work):
+    """sweep.cpt_epochs and merge.alternatives add variants; what the first run already has is
+    reused, and an alternative schedule's merge gets its own synergy row."""
+    recipe = copy_of(first_run, tmp_path, pipelines=["cpt"], sweep=dict(cpt_epochs=[1, 2]),
+                     merge=dict(alternatives={"half": 0.5}))
+    nodes = matrix.run(recipe)
+    assert list(nodes) == ["instruct", "cpt", "cpt_e2", "cpt-slerp", "cpt-slerp_half",
+                           "cpt_e2-slerp", "cpt_e2-slerp_half"]
+    assert all(n.status == "done" for n in nodes.values())
+    assert [p.name.rsplit("-", 1)[0] for p in work["train"]] == ["cpt_e2"]  # cpt was done
+    assert nodes["cpt_e2"].recipe.cpt.epochs == 2 and nodes["cpt-slerp_half"].merge_t == 0.5
+    trained = yaml.safe_load((nodes["cpt_e2"].model_dir.parent / "config.yaml").read_text())
+    assert trained["settings"]["epochs"] == 2 and trained["recipe"]["cpt"]["epochs"] == 2
+    report = (Path(recipe.output_dir) / "report" / "report.md").read_text()
+    assert "cpt_e2-slerp_half (cpt_e2 × instruct)" in report
+
+
+def test_a_failed_evaluation_skips_the_merges_that_need_it(first_run, tmp_path, monkeypatch):
+    """A trained model whose evaluation fails leaves its merge out (no synergy without both
+    scores); the report is still written and names both."""
+    recipe = copy_of(first_run, tmp_path)
+    for cached in (Path(recipe.output_dir) / "eval").glob("cpt-sft-*.json"):
+        cached.unlink()
+    real = dafast.eval.runner.evaluate_dir
+
+    def failing(model_dir, *args, **kwargs):
+        if Path(model_dir).parent.name.startswith("cpt-sft-"):
+            raise RuntimeError("out of memory | in the middle\nof the eval")
+        return real(model_dir, *args, **kwargs)
+    monkeypatch.setattr(dafast.eval.runner, "evaluate_dir", failing)
+    nodes = matrix.run(recipe)
+    assert nodes["cpt-sft"].status == "failed" and "out of memory" in nodes["cpt-sft"].error
+    assert nodes["cpt-sft-slerp"].status == "skipped"
+    assert nodes["cpt-slerp"].summary is not None
+    report = (Path(recipe.output_dir) / "report" / "report.md").read_text()
+    assert "out of memory \\| in the middle<br>of the eval" in report  # one table row
+    assert "cpt-sft-slerp" in report
+
+
+def test_keys_follow_data_contents_not_paths(first_run, tmp_path):
+    recipe, nodes = first_run
+    sft_data = Path(recipe.sft.data)
+    copy = tmp_path / "sft.jsonl"
+    shutil.copy(sft_data, copy)
+    same = matrix.build_plan(with_changes(recipe, sft=dict(data=str(copy))))
+    assert same["cpt-sft"].key == nodes["cpt-sft"].key  # same rows, another path: reused
+    copy.write_text("\n".join(sft_data.read_text().splitlines()[1:]) + "\n")
+    edited = matrix.build_plan(with_changes(recipe, sft=dict(data=str(copy))))
+    assert edited["cpt"].key == nodes["cpt"].key
+    assert edited["cpt-sft"].key != nodes["cpt-sft"].key  # one row fewer: retrained
+
+
+def test_the_sweeps_recipe_reuses_the_default_runs_nodes():
+    from dafast.recipe import builtin_recipe, load_recipe
+
+    default = matrix.build_plan(load_recipe())
+    sweeps = matrix.build_plan(load_recipe(builtin_recipe("sweeps.yaml")))
+    assert [f"cpt_e{n}" for n in range(2, 6)] == [n for n in sweeps if n.startswith("cpt_e")
+                                                  and "-" not in n]
+    for name in ("instruct", "cpt", "cpt-sft", "cpt-slerp", "cpt-sft-slerp"):
+        assert sweeps[name].key == default[name].key
+    assert {n.rsplit("_", 1)[1] for n in sweeps if "-slerp_" in n} == {"uniform", "swapped", "light"}
