@@ -20,7 +20,7 @@ from dafast.eval import (
 )
 from dafast.eval.__main__ import main as eval_main
 from dafast.eval.report import csv_header
-from dafast.eval.runner import _score_continuations, summarize
+from dafast.eval.runner import Record, _score_continuations, calibrated_choices, summarize
 
 # SmolLM2's chat template, so the tiny tokenizer formats prompts like the real model.
 CHAT_TEMPLATE = (
@@ -161,6 +161,31 @@ def _summary(overall, loglik=None, unparseable=0):
     return {"n": {g: 10 for g in GROUPS}, "generation": {g: overall for g in GROUPS},
             "loglik": None if loglik is None else {g: loglik for g in GROUPS},
             "unparseable": unparseable}
+
+
+def _scored(qid, type_, gold, scores):
+    best = max(scores, key=scores.get)
+    return Record(qid, "basic", type_, False, gold, best, best, best == gold,
+                  loglik_choice=best, loglik_correct=best == gold, loglik_scores=scores)
+
+
+def test_calibration_removes_a_fixed_letter_preference():
+    """A model that adds +5 to "C" whatever the question picks C everywhere; calibrated, its
+    knowledge (the +1 on the gold letter) decides. tf questions are calibrated on their own."""
+    golds = "ABCDABCD"
+    records = [_scored(f"m{i}", "mc", gold, {c: (5.0 if c == "C" else 0.0) + (c == gold)
+                                              for c in "ABCD"})
+               for i, gold in enumerate(golds)]
+    records += [_scored("t0", "tf", "True", {"True": -1.0, "False": -0.5}),
+                _scored("t1", "tf", "False", {"True": -3.0, "False": -1.0})]
+    assert [r.loglik_choice for r in records[:8]] == ["C"] * 8
+    chosen = calibrated_choices(records)
+    assert [chosen[f"m{i}"] for i in range(8)] == list(golds)
+    # tf means: True -2.0, False -0.75; residuals t0 (1.0, 0.25) -> True, t1 (-1.0, -0.25) -> False
+    assert (chosen["t0"], chosen["t1"]) == ("True", "False")
+    summary = summarize(records)
+    assert summary["loglik"]["mc"] == pytest.approx(0.25) and summary["loglik"]["tf"] == 0.5
+    assert summary["calibrated"]["mc"] == 1.0 and summary["calibrated"]["tf"] == 1.0
 
 
 def test_synergy_arithmetic():
@@ -322,6 +347,7 @@ def test_report(tiny, tmp_path):
     assert [r["variant"] for r in table] == ["Instruct", "CPT-SFT", "CPT-SFT-SLERP"]
     assert float(table[1]["generation_basic"]) == 0.5
     assert "loglik_corpus_only" in table[0] and "unparseable" in table[0]
+    assert "calibrated_overall" in table[0]
     markdown = (out / "report.md").read_text()
     assert "| variant | overall | basic | advanced |" in markdown
     assert "## Synergy of merges" in markdown and "CPT-SFT-SLERP (CPT-SFT × Instruct)" in markdown

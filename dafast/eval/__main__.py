@@ -28,7 +28,7 @@ def format_table(summary: dict) -> str:
     names = [f"{g} ({n[g]})" for g in GROUPS]
     widths = [max(len(name), 5) for name in names]
     lines = ["column      " + "  ".join(name.rjust(w) for name, w in zip(names, widths))]
-    for column in ("generation", "loglik"):
+    for column in ("generation", "loglik", "calibrated"):
         accuracies = summary.get(column)
         if accuracies is None:
             continue

@@ -8,9 +8,9 @@ A row is one evaluated variant, a plain dict (so the strategy matrix needs nothi
 
 ``write_report(out_dir, rows, ...)`` writes into ``out_dir``:
 
-    results.csv     one line per variant: every accuracy of both columns and the unparseable count
+    results.csv     one line per variant: every accuracy of every column and the unparseable count
     report.md       accuracy tables, the synergy tables, the plots, the run's config/times/machine
-    accuracy.png    bars per variant (overall, basic, advanced; generation and log-likelihood)
+    accuracy.png    bars per variant (overall, basic, advanced; one panel per column)
     synergy.png     expected (P1+P2)/2 against the merged score, with the diagonal (if merges)
     loss.png        training-loss curves (if given)
     report.json     everything passed in, to re-render or compare later
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dafast.eval.runner import GROUPS
 from dafast.eval.synergy import synergy_table
 
-COLUMNS = ("generation", "loglik")
+COLUMNS = ("generation", "loglik", "calibrated")
 REPORT_FILES = frozenset(
     {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png"}
 )
@@ -46,7 +46,7 @@ _GROUP_TITLES = {
 def csv_header() -> list[str]:
     """results.csv columns: accuracies are fractions in [0, 1], empty where not measured."""
     return (["variant", "parents", "n"] + [f"generation_{g}" for g in GROUPS]
-            + ["unparseable"] + [f"loglik_{g}" for g in GROUPS])
+            + ["unparseable"] + [f"{c}_{g}" for c in COLUMNS[1:] for g in GROUPS])
 
 
 def _check_rows(rows: Sequence[Mapping]) -> None:
@@ -78,12 +78,11 @@ def _csv_rows(rows: Sequence[Mapping]) -> list[list]:
     lines = []
     for row in rows:
         s = row["summary"]
-        loglik = s.get("loglik") or {}
         lines.append(
             [row["variant"], ";".join(row.get("parents") or []), s.get("n", {}).get("overall", "")]
             + [_fraction(s["generation"].get(g)) for g in GROUPS]
             + [s.get("unparseable", "")]
-            + [_fraction(loglik.get(g)) for g in GROUPS]
+            + [_fraction((s.get(c) or {}).get(g)) for c in COLUMNS[1:] for g in GROUPS]
         )
     return lines
 
@@ -156,7 +155,7 @@ def _plot_accuracy(rows: Sequence[Mapping], path: pathlib.Path) -> None:
 def _plot_synergy(tables: Mapping[str, list[dict]], path: pathlib.Path) -> None:
     figure = _figure(5.5, 5.0)
     ax = figure.subplots()
-    for k, ((column, table), marker) in enumerate(zip(tables.items(), "os")):
+    for k, ((column, table), marker) in enumerate(zip(tables.items(), "os^")):
         xs = [100 * t["expected"] for t in table]
         ys = [100 * t["merged"] for t in table]
         ax.scatter(xs, ys, marker=marker, label=column)
@@ -210,7 +209,9 @@ def _markdown(rows, tables, curves, config, timings, machine, failures=None) -> 
         "Accuracy (%) on the domain benchmark. *Generation*: the paper's protocol (greedy reply "
         "after \"The correct answer is:\", read as a letter or True/False; unparseable replies "
         "count as wrong). *Log-likelihood*: the choice whose continuation is most probable "
-        "(lm-evaluation-harness style).",
+        "(lm-evaluation-harness style). *Calibrated*: the same after subtracting each choice's "
+        "mean log-prob over the benchmark, so a model that prefers one letter whatever the "
+        "question scores chance (25% mc, 50% tf) and only knowledge lifts it above.",
         "",
     ]
     if failures:
@@ -222,8 +223,9 @@ def _markdown(rows, tables, curves, config, timings, machine, failures=None) -> 
         _accuracy_table(rows, "generation"),
         "",
     ]
-    if any(r["summary"].get("loglik") for r in rows):
-        parts += ["## Accuracy: log-likelihood", "", _accuracy_table(rows, "loglik"), ""]
+    for column, title in (("loglik", "log-likelihood"), ("calibrated", "calibrated log-likelihood")):
+        if any(r["summary"].get(column) for r in rows):
+            parts += [f"## Accuracy: {title}", "", _accuracy_table(rows, column), ""]
     if rows:
         parts += ["![accuracy per variant](accuracy.png)", ""]
     if any(tables.values()):

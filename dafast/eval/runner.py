@@ -1,4 +1,4 @@
-"""Run the benchmark on a model: a generation column and a log-likelihood column.
+"""Run the benchmark on a model: a generation column and two log-likelihood columns.
 
 - Generation (the paper's protocol): greedy decoding of a few tokens after the prompt of
   :mod:`dafast.eval.answers`, read by :func:`parse_answer`; an unparseable reply is wrong.
@@ -6,8 +6,10 @@
   of each choice's continuation (" A".." D" or " True"/" False") after the same prompt; the
   argmax is the model's choice. It cannot be unparseable, and it separates "knows the fact"
   from "follows the answer format", which matters for base and heavily fine-tuned models.
+- Calibrated log-likelihood: the same scores less each choice's mean over the benchmark
+  (:func:`calibrated_choices`), for models whose choice is mostly a fixed letter preference.
 
-Both are deterministic: greedy decoding, no sampling, batches formed in a fixed order. Prompts
+All are deterministic: greedy decoding, no sampling, batches formed in a fixed order. Prompts
 are sorted by length so a batch holds similar lengths (less padding); numerics can depend on
 the batch a prompt lands in at the last bit, so compare runs at the same batch size.
 """
@@ -69,22 +71,45 @@ def _in_group(record: Record, group: str) -> bool:
     }[group]
 
 
+def calibrated_choices(records: Sequence[Record]) -> dict[str, str]:
+    """Question id -> the log-likelihood choice after batch calibration (Zhou et al. 2023):
+    each choice's mean log-prob over the questions of its type is subtracted first.
+
+    A small model can prefer one letter (or "False") whatever the question; the plain
+    log-likelihood then mostly measures that prior. Calibrated, a model that ranks every choice
+    by the same prior scores chance, so a gain above chance is knowledge, not format."""
+    chosen = {}
+    for type_ in sorted({r.type for r in records}):
+        members = [r for r in records if r.type == type_]
+        prior = {c: sum(r.loglik_scores[c] for r in members) / len(members)
+                 for c in members[0].loglik_scores}
+        for r in members:
+            chosen[r.id] = max(r.loglik_scores, key=lambda c: r.loglik_scores[c] - prior[c])
+    return chosen
+
+
 def summarize(records: Sequence[Record]) -> dict:
-    """Accuracies (fractions in [0, 1]; None for an empty group) of both columns.
+    """Accuracies (fractions in [0, 1]; None for an empty group) of the three columns.
 
     ``{"n": {group: count}, "generation": {group: acc}, "loglik": {group: acc} | None,
-    "unparseable": count}`` with the groups of GROUPS.
+    "calibrated": {group: acc} | None, "unparseable": count}`` with the groups of GROUPS;
+    calibrated: the log-likelihood choice after :func:`calibrated_choices`.
     """
     def accuracy(flags: list[bool]) -> float | None:
         return sum(flags) / len(flags) if flags else None
 
     members = {g: [r for r in records if _in_group(r, g)] for g in GROUPS}
     has_loglik = bool(records) and all(r.loglik_correct is not None for r in records)
+    calibrated = calibrated_choices(records) if has_loglik else {}
     return {
         "n": {g: len(rs) for g, rs in members.items()},
         "generation": {g: accuracy([r.correct for r in rs]) for g, rs in members.items()},
         "loglik": (
             {g: accuracy([bool(r.loglik_correct) for r in rs]) for g, rs in members.items()}
+            if has_loglik else None
+        ),
+        "calibrated": (
+            {g: accuracy([calibrated[r.id] == r.gold for r in rs]) for g, rs in members.items()}
             if has_loglik else None
         ),
         "unparseable": sum(r.parsed is None for r in records),
