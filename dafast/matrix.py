@@ -82,17 +82,12 @@ def _model_identity(path: Path) -> dict:
 
 def _training_identity(recipe: Recipe, kind: str) -> dict:
     """What a stage's result depends on (not: kernels, logging, checkpoint frequency)."""
-    import torch
-
     settings = recipe.stage(kind)
-    dtype = recipe.dtype
-    if dtype == "auto":  # as dafast.stages.base.training_dtype resolves it
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     return {"settings": settings.model_dump(exclude={"data"}),  # the data by contents instead
             "data": _data_identity(settings.data, kind),
             "finetune": recipe.finetune,
             "lora": recipe.lora.model_dump() if recipe.finetune == "lora" else None,
-            "seed": recipe.seed, "dtype": dtype}
+            "seed": recipe.seed, "dtype": recipe.training_dtype()}
 
 
 def _cpt_variants(recipe: Recipe) -> list[tuple[str, Recipe]]:
@@ -167,13 +162,12 @@ def _run_node(node: Node, nodes: dict[str, Node], recipe: Recipe, root: Path) ->
 
 def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
     """The node's benchmark summary, cached per node key and eval settings."""
-    from dafast.eval.runner import evaluate_dir
+    from dafast.eval.runner import default_device, evaluate_dir
 
     settings = recipe.eval
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # bf16 there, fp32 here (runner)
-    key = _hash(node.key, settings.model_dump(), _data_identity(settings.bench, "eval"), device)
+    # The device decides the eval dtype too (bf16 on a GPU, fp32 on the CPU).
+    key = _hash(node.key, settings.model_dump(), _data_identity(settings.bench, "eval"),
+                default_device())
     path = root / "eval" / f"{node.name}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())

@@ -144,6 +144,14 @@ class Recipe(Settings):
     def stage(self, kind: str) -> StageSettings:
         return getattr(self, kind)
 
+    def training_dtype(self) -> str:
+        """`dtype` resolved: auto is bfloat16 where there is a GPU, float32 on the CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+
 
 class RecipeError(ValueError):
     """A recipe that does not validate; the message names the file and the fields."""

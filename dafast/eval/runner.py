@@ -241,6 +241,11 @@ def _record(model, q: Question, reply: str, prompt: list[int], conts, first_step
     return record
 
 
+def default_device() -> str:
+    """Where evaluations run unless told: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(model_dir: str | os.PathLike, *, device: str | None = None, dtype=None):
     """(model, tokenizer) from a local HF directory or the default model's name.
 
@@ -253,7 +258,7 @@ def load_model(model_dir: str | os.PathLike, *, device: str | None = None, dtype
 
     path = resolve_model(model_dir)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)

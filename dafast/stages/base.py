@@ -39,9 +39,7 @@ def is_complete(stage_dir: Path) -> bool:
 
 
 def training_dtype(recipe: Recipe) -> torch.dtype:
-    if recipe.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, recipe.dtype)
+    return getattr(torch, recipe.training_dtype())
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):
