@@ -20,7 +20,8 @@ from dafast.eval import (
 )
 from dafast.eval.__main__ import main as eval_main
 from dafast.eval.report import csv_header
-from dafast.eval.runner import Record, _score_continuations, calibrated_choices, summarize
+from dafast.eval.runner import (Record, _score_continuations, _shared_prefix, calibrated_choices,
+                                summarize)
 
 # SmolLM2's chat template, so the tiny tokenizer formats prompts like the real model.
 CHAT_TEMPLATE = (
@@ -284,6 +285,29 @@ def test_evaluate_tiny(tiny):
         assert a.loglik_scores == pytest.approx(b.loglik_scores, abs=1e-4)
 
     assert evaluate(model, tokenizer, questions, loglik=False).summary["loglik"] is None
+
+
+def test_shared_prefix_cache_changes_nothing(tiny):
+    """The prompts' common opening is prefilled once and shared; with padding between it and
+    each prompt's own tokens, answers and scores must equal a full prefill of every prompt."""
+    from dafast.eval.answers import encode_prompt
+
+    model, tokenizer, questions = tiny
+    prompts = [encode_prompt(tokenizer, q.question) for q in questions]
+    shared = _shared_prefix(prompts)
+    assert shared > 10 and len({tuple(p[:shared]) for p in prompts}) == 1
+    assert len({p[shared] for p in prompts}) > 1
+    cached = evaluate(model, tokenizer, questions, batch_size=4, max_new_tokens=4)
+    full = evaluate(model, tokenizer, questions, batch_size=4, max_new_tokens=4, share_prefix=False)
+    assert [r.generated for r in cached.records] == [r.generated for r in full.records]
+    for a, b in zip(cached.records, full.records):
+        assert a.loglik_scores == pytest.approx(b.loglik_scores, abs=1e-4)
+
+
+def test_shared_prefix_leaves_a_token_per_row():
+    assert _shared_prefix([[1, 2, 3], [1, 2, 4]]) == 2
+    assert _shared_prefix([[1, 2], [1, 2, 3]]) == 1
+    assert _shared_prefix([[5, 1], [6, 1]]) == 0
 
 
 def test_loglik_fast_path_matches_full_scoring(tiny):
