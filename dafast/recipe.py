@@ -49,6 +49,20 @@ class StageSettings(Settings):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
 
+    def sampling_strategy(self) -> str:
+        """transformers' train_sampling_strategy for the stage."""
+        return "random"
+
+
+class SFTSettings(StageSettings):
+    group_by_length: bool = Field(True, description="batch conversations of similar length "
+                                  "together (transformers' LengthGroupedSampler: random groups "
+                                  "of batches, sorted by length within a group): less padding "
+                                  "(22% -> 5% of the bundled SFT batches), the same data")
+
+    def sampling_strategy(self) -> str:
+        return "group_by_length" if self.group_by_length else "random"
+
 
 class DPOSettings(StageSettings):
     learning_rate: float = Field(5e-6, gt=0, description="peak learning rate")
@@ -118,7 +132,7 @@ class Recipe(Settings):
                                  description="stage chains to train, stages joined by '-'")
     cpt: StageSettings = Field(default_factory=lambda: StageSettings(data="builtin:biomat"),
                                description="continued pretraining on raw text")
-    sft: StageSettings = Field(default_factory=StageSettings, description="supervised fine-tuning")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="supervised fine-tuning")
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO")
     orpo: ORPOSettings = Field(default_factory=ORPOSettings, description="ORPO")
     merge: MergeSettings | None = Field(default_factory=MergeSettings, description="SLERP-merge "

@@ -76,6 +76,7 @@ def trainer_arguments(recipe: Recipe, settings: StageSettings, stage_dir: Path) 
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
+        train_sampling_strategy=settings.sampling_strategy(),
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=dtype == torch.bfloat16,
