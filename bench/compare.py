@@ -20,13 +20,18 @@ from pathlib import Path
 
 
 def load_ratios(path: Path) -> dict[str, float]:
-    """{group: median(dafast) / median(peer)} for every group that has both roles."""
+    """{group: median(dafast) / median(peer)} for every group that has both roles, and
+    1 / ratio_median for a group that timed both in turns (bench/test_train.py)."""
     medians: dict[str, dict[str, float]] = {}
+    turns: dict[str, float] = {}
     for bench in json.loads(path.read_text())["benchmarks"]:
-        role = bench.get("extra_info", {}).get("role")
-        if role in ("dafast", "peer"):
-            medians.setdefault(bench["group"], {})[role] = bench["stats"]["median"]
-    return {group: m["dafast"] / m["peer"] for group, m in medians.items() if len(m) == 2}
+        info = bench.get("extra_info", {})
+        if "ratio_median" in info:
+            turns[bench["group"]] = 1 / info["ratio_median"]
+        elif info.get("role") in ("dafast", "peer"):
+            medians.setdefault(bench["group"], {})[info["role"]] = bench["stats"]["median"]
+    ratios = {group: m["dafast"] / m["peer"] for group, m in medians.items() if len(m) == 2}
+    return {**ratios, **turns}
 
 
 def saved_runs(storage: Path) -> list[Path]:
