@@ -26,6 +26,7 @@ from torch import nn
 
 import dafast
 from dafast.ops import lora_linear
+from peak_rss import PEAK_MIB_CODE
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -159,12 +160,11 @@ def build_step(patched: bool):
 
 def peak_rss_mib(patched: bool) -> float:
     """Peak RSS of a fresh process that builds the model and takes one step (CPU only)."""
-    code = (f"import resource, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            f"from test_lora import build_step\nbuild_step({patched})()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (PEAK_MIB_CODE + f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            f"from test_lora import build_step\nbuild_step({patched})()\nprint(peak_mib())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, check=True)
-    return round(int(result.stdout.split()[-1]) / 1024, 1)
+    return round(float(result.stdout.split()[-1]), 1)
 
 
 @pytest.mark.parametrize("role", ["dafast", "peer"])

@@ -29,6 +29,7 @@ import dafast.lora
 from dafast import data
 from dafast.recipe import Recipe
 from dafast.stages import base
+from peak_rss import PEAK_MIB_CODE
 
 BATCH = int(os.environ.get("DAFAST_BENCH_BATCH", "4"))
 SEQ = int(os.environ.get("DAFAST_BENCH_SEQ", "512"))
@@ -90,16 +91,13 @@ def build_step(kind: str, role: str):
 
 def peak_rss_mib(kind: str, role: str) -> tuple[float, float]:
     """(peak RSS, peak minus the RSS once the trainer is built) of a fresh process, MiB."""
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of this
-    # (large) process would report at least this process's RSS at the fork.
-    code = ("import sys\n"
+    code = (PEAK_MIB_CODE + "import sys\n"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "from test_train import build_step\n"
             "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
             f"step, _ = build_step({kind!r}, {role!r})\n"
             "built = rss()\nstep()\n"
-            "peak = int(next(line for line in open('/proc/self/status')\n"
-            "                if line.startswith('VmHWM')).split()[1]) / 1024\n"
+            "peak = peak_mib()\n"
             "print(peak, peak - built)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent)
