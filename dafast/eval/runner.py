@@ -159,6 +159,20 @@ def _prefix_cache(model, prefix: list[int]):
     return cache
 
 
+def _batch_inputs(rows: list[list[int]], shared: int, prefix, pad_id: int, device):
+    """(input_ids, attention_mask, cache) of a batch: the rows left-padded, or, with a shared
+    prefix cache, the common prefix + padding + each row's own tokens and the cache repeated
+    per row (generate then computes only the tokens after the prefix)."""
+    ids, mask = _left_pad([row[shared:] for row in rows], pad_id, device)
+    if prefix is None:
+        return ids, mask, None
+    ids = torch.cat([ids.new_tensor(rows[0][:shared]).expand(len(rows), -1), ids], 1)
+    mask = torch.cat([mask.new_ones(len(rows), shared), mask], 1)
+    cache = copy.deepcopy(prefix)  # generate extends the cache it is given
+    cache.batch_repeat_interleave(len(rows))
+    return ids, mask, cache
+
+
 def _continuation_ids(tokenizer, prompt: str, text: str) -> list[int]:
     """Tokens of ``text`` as they follow ``prompt``, split the way lm-evaluation-harness does.
 
@@ -246,13 +260,8 @@ def evaluate(
                 shared = 0
             for first in range(0, len(order), batch_size):
                 batch = order[first:first + batch_size]
-                ids, mask = _left_pad([prompts[i][shared:] for i in batch], pad_id, device)
-                cache = None
-                if prefix is not None:
-                    ids = torch.cat([ids.new_tensor(prompts[0][:shared]).expand(len(batch), -1), ids], 1)
-                    mask = torch.cat([mask.new_ones(len(batch), shared), mask], 1)
-                    cache = copy.deepcopy(prefix)
-                    cache.batch_repeat_interleave(len(batch))
+                ids, mask, cache = _batch_inputs([prompts[i] for i in batch], shared, prefix,
+                                                 pad_id, device)
                 out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                      generation_config=generation)
                 replies = tokenizer.batch_decode(out.sequences[:, ids.shape[1]:], skip_special_tokens=True)
