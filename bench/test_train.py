@@ -6,7 +6,8 @@ Both roles build the same TRL trainer through dafast.stages on SmolLM2-135M-Inst
 embedded model), LoRA r16 on every linear layer, fp32, a batch of 4 sequences x 512 tokens (DPO:
 4 pairs of prompt + completion = 512 tokens each); DAFAST_BENCH_BATCH / DAFAST_BENCH_SEQ change
 it. "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's LoRA layers);
-"dafast" gives the trainer dafast's fused head and patches the LoRA layers onto dafast's kernel.
+"dafast" gives the trainer dafast's fused head and patches the LoRA layers and the SwiGLU MLPs
+onto dafast's kernels.
 A step is TRL's training_step (forward, loss, backward; for DPO also the reference forward with
 the adapter disabled) plus the AdamW update. extra_info: tokens/s (median) and the peak RSS of a
 separate process that builds the trainer and takes one step, absolute and above the RSS with the
@@ -25,7 +26,6 @@ import torch
 
 import dafast
 import dafast.fused_head
-import dafast.lora
 from dafast import data
 from dafast.recipe import Recipe
 from dafast.stages import base
@@ -72,7 +72,7 @@ def build_step(kind: str, role: str):
                                    build_dataset(kind, tokenizer), arguments,
                                    base.peft_config(recipe), [])
     if role == "dafast":
-        dafast.lora.patch(trainer.model)
+        base.use_dafast_kernels(trainer.model)
     trainer.model.train()
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise

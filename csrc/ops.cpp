@@ -43,6 +43,10 @@ TORCH_LIBRARY(dafast, m) {
   m.def("linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, "
         "Tensor lse, int ignore_index, int token_chunk, int vocab_chunk, bool hidden_grad, "
         "bool weight_grad) -> (Tensor, Tensor)");
+  // silu(gate) * up, the gated activation of Llama-family MLPs; the autograd formula saves gate
+  // and up, and the backward returns (grad_gate, grad_up) from one pass.
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
 namespace dafast {
@@ -87,6 +91,8 @@ TORCH_LIBRARY_IMPL(dafast, CPU, m) {
          &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cpu>);
   m.impl("linear_logprobs", &dafast::linear_logprobs_op<dafast::CpuLogprobs>);
   m.impl("linear_logprobs_backward", &dafast::linear_logprobs_backward_op<dafast::CpuLogprobs>);
+  m.impl("swiglu", &dafast::swiglu_op<dafast::swiglu_forward_cpu>);
+  m.impl("swiglu_backward", &dafast::swiglu_backward_op<dafast::swiglu_backward_cpu>);
 }
 
 namespace {

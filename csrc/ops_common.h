@@ -14,6 +14,7 @@
 
 #include "dafast/lora.h"
 #include "dafast/slerp.h"
+#include "dafast/swiglu.h"
 
 namespace dafast {
 
@@ -318,6 +319,55 @@ OptionalGrads lora_linear_backward_op(const at::Tensor& grad_y, const std::optio
   if (mask[1]) std::get<1>(result) = grad_a;
   if (mask[2]) std::get<2>(result) = grad_b;
   return result;
+}
+
+// ---- swiglu ------------------------------------------------------------------------------
+
+// The same checks, in the same order and with the same messages, as dafast/ops/swiglu.py.
+inline void check_swiglu_pair(const at::Tensor& gate, const at::Tensor& other, const char* name) {
+  TORCH_CHECK_TYPE(other.scalar_type() == gate.scalar_type(), "dafast.swiglu: ", name,
+                   " must have gate's dtype ", dtype_name(gate.scalar_type()), ", got ",
+                   dtype_name(other.scalar_type()));
+  TORCH_CHECK_VALUE(other.sizes() == gate.sizes(), "dafast.swiglu: ", name,
+                    " must have gate's shape ", gate.sizes(), ", got ", other.sizes());
+  TORCH_CHECK_VALUE(other.device() == gate.device(), "dafast.swiglu: ", name,
+                    " must be on gate's device ", gate.device(), ", got ", other.device());
+}
+
+inline void check_swiglu_inputs(const at::Tensor& gate, const at::Tensor& up) {
+  const at::ScalarType type = gate.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || is_half(type),
+                   "dafast.swiglu: gate must be float32, float16 or bfloat16, got ",
+                   dtype_name(type));
+  check_swiglu_pair(gate, up, "up");
+}
+
+// The kernels see contiguous tensors of one shape and dtype.
+using SwigluForwardKernel = void (*)(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out);
+using SwigluBackwardKernel = void (*)(const at::Tensor& grad_out, const at::Tensor& gate,
+                                      const at::Tensor& up, at::Tensor& grad_gate,
+                                      at::Tensor& grad_up);
+
+template <SwigluForwardKernel kernel>
+at::Tensor swiglu_op(const at::Tensor& gate, const at::Tensor& up) {
+  check_swiglu_inputs(gate, up);
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor out = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() > 0) kernel(g, u, out);
+  return out;
+}
+
+template <SwigluBackwardKernel kernel>
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_op(const at::Tensor& grad_out,
+                                                      const at::Tensor& gate,
+                                                      const at::Tensor& up) {
+  check_swiglu_inputs(gate, up);
+  check_swiglu_pair(gate, grad_out, "grad_out");
+  const at::Tensor dh = grad_out.contiguous(), g = gate.contiguous(), u = up.contiguous();
+  at::Tensor grad_gate = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor grad_up = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (g.numel() > 0) kernel(dh, g, u, grad_gate, grad_up);
+  return {grad_gate, grad_up};
 }
 
 }  // namespace dafast

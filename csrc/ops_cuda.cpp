@@ -10,6 +10,7 @@
 #include "dafast/lora_cuda.h"
 #include "dafast/linear_logprobs_cuda.h"
 #include "dafast/slerp_cuda.h"
+#include "dafast/swiglu_cuda.h"
 #include "linear_logprobs_op.h"
 #include "ops_common.h"
 
@@ -248,6 +249,31 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_cuda(
                                                    hidden_grad, weight_grad);
 }
 
+// ---- swiglu -------------------------------------------------------------------------------
+
+void check_swiglu_launch(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "dafast.swiglu: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void swiglu_forward_cuda(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
+  TORCH_CHECK_VALUE(gate.is_cuda(), "dafast.swiglu: expected CUDA tensors, got ", gate.device());
+  const c10::cuda::CUDAGuard guard(gate.device());
+  check_swiglu_launch(swiglu_cuda_forward(kernel_dtype(gate.scalar_type()), gate.const_data_ptr(),
+                                          up.const_data_ptr(), out.mutable_data_ptr(),
+                                          gate.numel(), blocks_to_fill_device(gate.get_device()),
+                                          c10::cuda::getCurrentCUDAStream()));
+}
+
+void swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
+                          at::Tensor& grad_gate, at::Tensor& grad_up) {
+  TORCH_CHECK_VALUE(gate.is_cuda(), "dafast.swiglu: expected CUDA tensors, got ", gate.device());
+  const c10::cuda::CUDAGuard guard(gate.device());
+  check_swiglu_launch(swiglu_cuda_backward(
+      kernel_dtype(gate.scalar_type()), grad_out.const_data_ptr(), gate.const_data_ptr(),
+      up.const_data_ptr(), grad_gate.mutable_data_ptr(), grad_up.mutable_data_ptr(), gate.numel(),
+      blocks_to_fill_device(gate.get_device()), c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 
 int cuda_runtime_version_built() { return CUDART_VERSION; }
@@ -263,4 +289,6 @@ TORCH_LIBRARY_IMPL(dafast, CUDA, m) {
          &dafast::lora_linear_backward_op<dafast::lora_linear_backward_cuda>);
   m.impl("linear_logprobs", &dafast::linear_logprobs_cuda);
   m.impl("linear_logprobs_backward", &dafast::linear_logprobs_backward_cuda);
+  m.impl("swiglu", &dafast::swiglu_op<dafast::swiglu_forward_cuda>);
+  m.impl("swiglu_backward", &dafast::swiglu_backward_op<dafast::swiglu_backward_cuda>);
 }

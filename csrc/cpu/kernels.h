@@ -8,6 +8,7 @@
 #include "dafast/lora.h"
 #include "dafast/linear_logprobs.h"
 #include "dafast/slerp.h"
+#include "dafast/swiglu.h"
 
 namespace dafast {
 
@@ -36,5 +37,11 @@ void lora_linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
 // Fold one fp32 logits tile (see dafast/linear_logprobs.h); rows run on ATen's thread pool.
 void linear_logprobs_forward_fold_cpu(const LogprobsForwardTile& tile);
 void linear_logprobs_backward_fold_cpu(const LogprobsBackwardTile& tile);
+
+// gate, up, out (and grad_out, grad_gate, grad_up): contiguous, one shape and dtype (fp32, fp16,
+// bf16), on the CPU. out = silu(gate) * up; the backward writes both input gradients.
+void swiglu_forward_cpu(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out);
+void swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& gate, const at::Tensor& up,
+                         at::Tensor& grad_gate, at::Tensor& grad_up);
 
 }  // namespace dafast

@@ -12,45 +12,13 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/vec_math.h"
 #include "dafast/linear_logprobs.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define DAFAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DAFAST_MULTIVERSION
-#endif
 
 namespace dafast {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// exp(x) to about 1 ulp for x <= 1 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r,
-// times 2^n); 0 below -87.3 where fp32 underflows; NaN stays NaN. Selects only, no branches and
-// no float-to-int conversion, so that GCC vectorises the callers' loops (with -fno-trapping-math,
-// set in setup.py as torch's own build does).
-__attribute__((always_inline)) inline float exp_approx(float x) {
-  const float hi = x > 88.0f ? 88.0f : x;
-  const float clamped = hi < -87.3f ? -87.3f : hi;
-  // Adding 1.5 * 2^23 rounds to an integer n, which then sits in the low mantissa bits.
-  const float shifted = clamped * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
-  float r = clamped - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  int32_t n_bits;
-  std::memcpy(&n_bits, &shifted, sizeof n_bits);
-  const int32_t scale_bits = (n_bits - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return y * scale * static_cast<float>(!(x < -87.3f));
-}
 
 DAFAST_MULTIVERSION float row_max(const float* z, int64_t n) {
   float m = kNegInf;

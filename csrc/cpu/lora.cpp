@@ -21,11 +21,7 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define DAFAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DAFAST_MULTIVERSION
-#endif
+#include "cpu/vec_math.h"
 
 namespace dafast {
 namespace {

@@ -11,44 +11,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/vec_math.h"
 #include "dafast/slerp.h"
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define DAFAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DAFAST_MULTIVERSION
-#endif
 
 namespace dafast {
 namespace {
-
-// Element conversions written so that the compiler vectorises them.
-struct BF16Bits { uint16_t bits; };
-
-inline float load(float x) { return x; }
-inline float load(BF16Bits x) {
-  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(float* p, float x) { *p = x; }
-inline void store(BF16Bits* p, float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-  p->bits = static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);      // keep NaN a NaN
-}
-
-#if defined(__FLT16_MAX__)
-using HalfStorage = _Float16;  // hardware conversions (F16C) where the compiler has them
-inline float load(_Float16 x) { return static_cast<float>(x); }
-inline void store(_Float16* p, float x) { *p = static_cast<_Float16>(x); }
-#else
-using HalfStorage = c10::Half;
-inline float load(c10::Half x) { return static_cast<float>(x); }
-inline void store(c10::Half* p, float x) { *p = c10::Half(x); }
-#endif
 
 template <typename T>
 DAFAST_MULTIVERSION void reduce_block(const T* a, const T* b, int64_t n, float* sums) {
@@ -110,21 +77,10 @@ void write_typed(const T* a, const T* b, T* out, int64_t n, const SlerpSums& sum
   });
 }
 
-// Calls fn with a null pointer of the storage type the kernels use for a's dtype, to pick T.
-template <typename Fn>
-auto visit_storage(const at::Tensor& a, Fn&& fn) {
-  switch (a.scalar_type()) {
-    case at::kFloat: return fn(static_cast<const float*>(nullptr));
-    case at::kBFloat16: return fn(static_cast<const BF16Bits*>(nullptr));
-    case at::kHalf: return fn(static_cast<const HalfStorage*>(nullptr));
-    default: TORCH_CHECK_TYPE(false, "dafast.slerp: unsupported dtype ", a.scalar_type());
-  }
-}
-
 }  // namespace
 
 SlerpSums slerp_sums_cpu(const at::Tensor& a, const at::Tensor& b) {
-  return visit_storage(a, [&](auto tag) {
+  return visit_storage(a, "dafast.slerp", [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     return sums_typed(static_cast<const T*>(a.const_data_ptr()),
                       static_cast<const T*>(b.const_data_ptr()), a.numel());
@@ -133,7 +89,7 @@ SlerpSums slerp_sums_cpu(const at::Tensor& a, const at::Tensor& b) {
 
 void slerp_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, const SlerpSums& sums,
                const SlerpParams& params) {
-  visit_storage(a, [&](auto tag) {
+  visit_storage(a, "dafast.slerp", [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
     write_typed(static_cast<const T*>(a.const_data_ptr()),
                 static_cast<const T*>(b.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()),

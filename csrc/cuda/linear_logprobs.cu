@@ -12,6 +12,7 @@
 
 #include <climits>
 
+#include "convert.cuh"
 #include "dafast/linear_logprobs_cuda.h"
 
 namespace dafast {
@@ -19,11 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
 struct SumOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }

@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "convert.cuh"
 #include "dafast/lora_cuda.h"
 
 namespace dafast {
@@ -28,16 +29,6 @@ constexpr int kGroupCols = kTileCols * kGroupTiles;
 constexpr int kRankChunk = 16;  // rank columns per block
 static_assert(kTileRows * kRankChunk == kThreads, "one z element per thread");
 static_assert(kThreads == kTileCols * 4, "four rank columns (or rows) per thread");
-
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float(float x) { return x; }
-template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
 template <typename TY, typename TZ, typename TB>
 __global__ void __launch_bounds__(kThreads)

@@ -4,8 +4,9 @@ calls torch.ops.dafast.<op>, its fake (meta) registration and, where it trains, 
 from dafast.ops.linear_logprobs import LogprobStats, linear_logprobs, linear_logprobs_reference
 from dafast.ops.lora import lora_linear, lora_linear_reference
 from dafast.ops.slerp import slerp, slerp_reference, slerp_sums
+from dafast.ops.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "LogprobStats", "linear_logprobs", "linear_logprobs_reference", "lora_linear",
-    "lora_linear_reference", "slerp", "slerp_reference", "slerp_sums",
+    "lora_linear_reference", "slerp", "slerp_reference", "slerp_sums", "swiglu", "swiglu_reference",
 ]

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import dafast.fused_head
 import dafast.lora
+import dafast.mlp
 from dafast.recipe import Recipe, StageSettings
 
 RESULT = "result.json"
@@ -125,9 +126,15 @@ def last_checkpoint(stage_dir: Path) -> str | None:
     return get_last_checkpoint(str(root)) if root.is_dir() else None
 
 
+def use_dafast_kernels(model) -> None:
+    """The model's LoRA layers on dafast.ops.lora_linear, its SwiGLU MLPs on dafast.ops.swiglu."""
+    dafast.lora.patch(model)
+    dafast.mlp.patch(model)
+
+
 def train(trainer, stage_dir: Path) -> None:
-    """Patch the LoRA layers onto dafast's kernel and train, resuming from the last checkpoint."""
-    dafast.lora.patch(trainer.model)
+    """Patch the model onto dafast's kernels and train, resuming from the last checkpoint."""
+    use_dafast_kernels(trainer.model)
     trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
 
 
@@ -140,6 +147,7 @@ def finish(trainer, tokenizer, recipe: Recipe, settings: StageSettings, stage_di
         partial = stage_dir / ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
+        dafast.mlp.unpatch(model)
         if recipe.finetune == "lora":
             dafast.lora.unpatch(model)
             model.save_pretrained(partial / "adapter")
