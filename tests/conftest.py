@@ -31,3 +31,27 @@ def tiny_model(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tiny_llama(dtype=torch.float32, hidden_act="silu"):
+    """A random Llama with SmolLM2's layout (GQA, SiLU MLP) at toy sizes, odd where it can be:
+    2 layers, hidden 64, intermediate 97, vocabulary 131."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=97, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=131,
+                         max_position_embeddings=64, hidden_act=hidden_act)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def lora_model(dtype=torch.float32, base=None, **lora_kwargs):
+    """tiny_llama (or `base`) with PEFT LoRA r8 on every linear layer, B nonzero."""
+    import peft
+
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **lora_kwargs)
+    model = peft.get_peft_model(tiny_llama(dtype) if base is None else base, config)
+    with torch.no_grad():  # PEFT starts B at zero, which would leave A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape))
+    return model

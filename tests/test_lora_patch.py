@@ -7,30 +7,12 @@ import pytest
 import torch
 
 import dafast
+from conftest import lora_model, tiny_llama
 from dafast.lora import is_patched, patch, unpatch
 
 peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 N_LORA_LAYERS = 2 * 7  # q, k, v, o, gate, up, down in each of 2 decoder layers
-
-
-def tiny_llama(dtype=torch.float32):
-    """A random Llama with SmolLM2's layout (GQA, SiLU MLP) at toy sizes, odd where it can be."""
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=97, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=131, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).to(dtype)
-
-
-def lora_model(dtype=torch.float32, base=None, **lora_kwargs):
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **lora_kwargs)
-    model = peft.get_peft_model(tiny_llama(dtype) if base is None else base, config)
-    with torch.no_grad():  # PEFT starts B at zero, which would leave A without gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape))
-    return model
 
 
 def loss_and_grads(model, ids):

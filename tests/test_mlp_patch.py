@@ -8,29 +8,12 @@ import torch
 
 import dafast.lora
 import dafast.mlp
+from conftest import lora_model, tiny_llama
 from dafast.ops.swiglu import swiglu as fused_swiglu
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
 
-LAYERS = 2
-
-
-def tiny_llama(hidden_act="silu", dtype=torch.float32):
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=97, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=131, max_position_embeddings=64, hidden_act=hidden_act)
-    return transformers.LlamaForCausalLM(config).to(dtype)
-
-
-def lora(model):
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
-                                                       target_modules="all-linear"))
-    with torch.no_grad():  # PEFT starts B at zero, which would leave A without gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape))
-    return model
+LAYERS = 2  # tiny_llama's
 
 
 @pytest.fixture
@@ -63,7 +46,7 @@ def swiglu_calls(monkeypatch):
 def test_same_loss_and_gradients_as_eager(ids, swiglu_calls, finetune):
     eager = tiny_llama()
     if finetune != "full":
-        eager = lora(eager)
+        eager = lora_model(base=eager)
     fused = copy.deepcopy(eager)
     if finetune == "lora_patched":
         assert dafast.lora.patch(fused) == 7 * LAYERS
@@ -79,7 +62,7 @@ def test_same_loss_and_gradients_as_eager(ids, swiglu_calls, finetune):
 
 
 def test_under_other_saved_tensor_hooks_h_is_kept(ids, swiglu_calls):
-    model = lora(tiny_llama())
+    model = lora_model()
     want_loss, want = loss_and_grads(copy.deepcopy(model), ids)
     dafast.mlp.patch(model)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
@@ -101,7 +84,7 @@ def test_inference_keeps_nothing_and_matches(ids, swiglu_calls):
 
 
 def test_bf16_model_within_rounding(ids):
-    model = tiny_llama(dtype=torch.bfloat16)
+    model = tiny_llama(torch.bfloat16)
     with torch.no_grad():
         want = model(input_ids=ids).logits.float()
         dafast.mlp.patch(model)
