@@ -55,9 +55,8 @@ def drop_right_padding_mask(attention_mask, position_ids=None, targets=None, ign
     the kernel reads and applies that mask on every query-key block; with no mask it passes
     is_causal=True (torch 2.13's CPU kernel: 296 vs 341 ms per SmolLM2 layer, forward and backward,
     8 x 505 tokens with 20% padding; kernels that skip the blocks above the diagonal save up to
-    half). For a
-    right-padded batch (each row ones, then zeros) dropping the mask changes nothing for the
-    tokens that count:
+    half). For a right-padded batch (each row ones, then zeros) dropping the mask changes nothing
+    for the tokens that count:
 
     - a real token attends, causally, to earlier positions only, and those are all real: the
       padding mask hides nothing from it;

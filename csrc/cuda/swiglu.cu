@@ -23,9 +23,9 @@ __device__ __forceinline__ int64_t grid_stride() {
 }
 
 template <typename T>
-__device__ __forceinline__ void forward_one(const T* g, const T* u, T* h, int64_t i) {
-  const float gi = to_float(g[i]);
-  h[i] = from_float<T>(swiglu_value(gi, to_float(u[i]), sigmoid(gi)));
+__device__ __forceinline__ T forward_value(T g, T u) {
+  const float gi = to_float(g);
+  return from_float<T>(swiglu_value(gi, to_float(u), sigmoid(gi)));
 }
 
 template <typename T>
@@ -39,13 +39,12 @@ swiglu_forward_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __res
     const Pack<T> up = reinterpret_cast<const Pack<T>*>(u)[p];
     Pack<T> hp;
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float gi = to_float(gp.v[k]);
-      hp.v[k] = from_float<T>(swiglu_value(gi, to_float(up.v[k]), sigmoid(gi)));
-    }
+    for (int k = 0; k < V; ++k) hp.v[k] = forward_value(gp.v[k], up.v[k]);
     reinterpret_cast<Pack<T>*>(h)[p] = hp;
   }
-  for (int64_t i = n_vec * V + first_index(); i < n; i += grid_stride()) forward_one(g, u, h, i);
+  for (int64_t i = n_vec * V + first_index(); i < n; i += grid_stride()) {
+    h[i] = forward_value(g[i], u[i]);
+  }
 }
 
 template <typename T>
