@@ -5,9 +5,10 @@
 Both roles build the same TRL trainer through dafast.stages on SmolLM2-135M-Instruct (the
 embedded model), LoRA r16 on every linear layer, fp32, a batch of 4 sequences x 512 tokens (DPO:
 4 pairs of prompt + completion = 512 tokens each); DAFAST_BENCH_BATCH / DAFAST_BENCH_SEQ change
-it. "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's LoRA layers);
-"dafast" gives the trainer dafast's fused head and patches the LoRA layers and the SwiGLU MLPs
-onto dafast's kernels.
+it; DAFAST_BENCH_CHECKPOINTING=1 runs both roles with activation checkpointing (TRL's default,
+off in dafast's recipes). "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's
+LoRA layers); "dafast" gives the trainer dafast's fused head and patches the LoRA layers and the
+SwiGLU MLPs onto dafast's kernels.
 A step is TRL's training_step (forward, loss, backward; for DPO also the reference forward with
 the adapter disabled) plus the AdamW update. extra_info: tokens/s (median) and the peak RSS of a
 separate process that builds the trainer and takes one step, absolute and above the RSS with the
@@ -33,6 +34,7 @@ from peak_rss import PEAK_MIB_CODE
 
 BATCH = int(os.environ.get("DAFAST_BENCH_BATCH", "4"))
 SEQ = int(os.environ.get("DAFAST_BENCH_SEQ", "512"))
+CHECKPOINTING = os.environ.get("DAFAST_BENCH_CHECKPOINTING", "0") == "1"
 
 
 def corpus_tokens(tokenizer, count: int) -> list[list[int]]:
@@ -64,13 +66,16 @@ def build_step(kind: str, role: str):
 
     dafast.fused_head.use_in_trl(role == "dafast")
     settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
-    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), **{kind: settings})
+    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), activation_checkpointing=CHECKPOINTING,
+                    **{kind: settings})
     module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
     model, tokenizer = base.load_model(default_model_dir(), torch.float32)
     arguments = base.trainer_arguments(recipe, recipe.stage(kind), Path("/tmp/dafast-bench-train"))
     trainer = module.build_trainer(kind, recipe.stage(kind), model, tokenizer,
                                    build_dataset(kind, tokenizer), arguments,
                                    base.peft_config(recipe), [])
+    if trainer.args.activation_checkpointing:  # as Trainer.train does
+        trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     if role == "dafast":
         base.use_dafast_kernels(trainer.model)
     trainer.model.train()

@@ -126,6 +126,12 @@ class Recipe(Settings):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="training dtype "
                                                           "(auto: float32 on CPU, bfloat16 on GPU)")
+    activation_checkpointing: bool = Field(False, description="recompute each layer's activations "
+                                         "in backward instead of keeping them: much less "
+                                         "activation memory (large models, long sequences) for "
+                                         "about a third more compute. Off by default, unlike "
+                                         "TRL: dafast's LoRA, MLP and head kernels already keep "
+                                         "little")
     kernels: Literal["auto", "native", "reference"] = Field("auto", description="dafast "
                                                              "kernels, or the PyTorch references")
     pipelines: list[str] = Field(["cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo"],

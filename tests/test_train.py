@@ -81,6 +81,29 @@ def test_kernels_and_references_give_the_same_curve(kind, tiny_model, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["cpt", "dpo"])
+def test_activation_checkpointing_gives_the_same_curve(kind, tiny_model, tmp_path, monkeypatch):
+    """Off by default (TRL's configs turn it on); on, the layers are recomputed in backward
+    (dafast.mlp's own recompute steps aside) and the losses are the same."""
+    checkpointed = {}
+    train = base.train
+
+    def recording_train(trainer, stage_dir):
+        train(trainer, stage_dir)
+        checkpointed[stage_dir.name] = trainer.accelerator.unwrap_model(
+            trainer.model).get_base_model().is_activation_checkpointing
+
+    monkeypatch.setattr(base, "train", recording_train)
+    for on in (False, True):
+        run_stage(kind, recipe_for(tmp_path, activation_checkpointing=on), tiny_model,
+                  tmp_path / f"checkpointing-{on}")
+    assert checkpointed == {"checkpointing-False": False, "checkpointing-True": True}
+    assert Recipe().activation_checkpointing is False
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "checkpointing-True")),
+                               torch.tensor(losses(tmp_path / "checkpointing-False")),
+                               rtol=1e-5, atol=1e-6)
+
+
 class _Killed(Exception):
     pass
 

@@ -81,6 +81,8 @@ def trainer_arguments(recipe: Recipe, settings: StageSettings, stage_dir: Path) 
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=dtype == torch.bfloat16,
+        activation_checkpointing=recipe.activation_checkpointing,  # TRL defaults it to True
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=recipe.logging_steps,
         save_steps=recipe.save_steps,
         save_total_limit=2,
