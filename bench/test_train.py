@@ -27,6 +27,7 @@ import torch
 
 import dafast
 import dafast.fused_head
+import dafast.memory
 from dafast import data
 from dafast.recipe import Recipe
 from dafast.stages import base
@@ -60,11 +61,14 @@ def build_dataset(kind: str, tokenizer):
     return Dataset.from_list(rows)
 
 
-def build_step(kind: str, role: str):
-    """The trainer's step function and the number of tokens a step processes."""
+def build_step(kind: str, role: str, caching_allocator: bool | None = None):
+    """The trainer's step function and the number of tokens a step processes. The dafast role
+    also turns dafast's caching CPU allocator on, as the stages do (process-wide, until
+    dafast.memory.disable(); caching_allocator=False leaves it off)."""
     from dafast.models import default_model_dir
 
     dafast.fused_head.use_in_trl(role == "dafast")
+
     settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
     recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), activation_checkpointing=CHECKPOINTING,
                     **{kind: settings})
@@ -78,6 +82,8 @@ def build_step(kind: str, role: str):
         trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     if role == "dafast":
         base.use_dafast_kernels(trainer.model)
+    if caching_allocator if caching_allocator is not None else role == "dafast":
+        dafast.memory.enable()  # as base.train does, once the trainer is built
     trainer.model.train()
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
@@ -115,12 +121,18 @@ def peak_rss_mib(kind: str, role: str) -> tuple[float, float]:
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_stage_step(benchmark, kind, role):
     step, tokens = build_step(kind, role)
+    dafast.memory.reset_peak()
     benchmark.group = f"{kind} step SmolLM2-135M LoRA r16 fp32 {BATCH}x{SEQ}"
     benchmark.extra_info["role"] = role
     losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     dafast.fused_head.use_in_trl(True)
+    allocator = dafast.memory.stats()
+    dafast.memory.disable()
     if benchmark.stats is not None:
         benchmark.extra_info["tokens_per_s"] = round(tokens / benchmark.stats.stats.median, 1)
+        if role == "dafast" and allocator:
+            benchmark.extra_info["allocator_hit_rate"] = round(
+                allocator["hits"] / max(1, allocator["hits"] + allocator["misses"]), 3)
         if not torch.cuda.is_available():
             peak, above = peak_rss_mib(kind, role)
             benchmark.extra_info["peak_rss_MiB"] = peak
@@ -136,7 +148,8 @@ def test_sft_step_interleaved(benchmark):
     minutes apart ranged 1.3x to 2.2x between runs. Taking turns puts both under the same
     conditions; extra_info's ratio is the median of peer time / dafast time over the rounds.
     (SFT only: DPO's two trainers together would need about 22 GB.)"""
-    ours, tokens = build_step("sft", "dafast")
+    # The caching allocator stays off: it is process-wide and the peer would share it.
+    ours, tokens = build_step("sft", "dafast", caching_allocator=False)
     peer, _ = build_step("sft", "peer")
     dafast.fused_head.use_in_trl(True)
     peer_times = []

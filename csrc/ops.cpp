@@ -1,9 +1,11 @@
 // The dafast operator library: schemas, CPU implementations, and the pybind11 module
-// `dafast._C` for what is not an op (build information). Loading the module registers the ops
-// as torch.ops.dafast.*; the CUDA implementations live in ops_cuda.cpp (CUDA builds only).
+// `dafast._C` for what is not an op (build information, the caching CPU allocator). Loading the
+// module registers the ops as torch.ops.dafast.*; the CUDA implementations live in ops_cuda.cpp
+// (CUDA builds only).
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/caching_allocator.h"
 #include "cpu/kernels.h"
 #include "linear_logprobs_op.h"
 #include "ops_common.h"
@@ -122,4 +124,18 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dafast native kernels; the ops are registered as torch.ops.dafast.*";
   m.def("build_info", &build_info, "Backends and versions this extension was compiled with.");
+  // The caching CPU allocator (cpu/caching_allocator.cpp), driven by dafast/memory.py.
+  m.def("cpu_allocator_enable", &dafast::cpu_allocator_enable);
+  m.def("cpu_allocator_disable", &dafast::cpu_allocator_disable);
+  m.def("cpu_allocator_enabled", &dafast::cpu_allocator_enabled);
+  m.def("cpu_allocator_empty_cache", &dafast::cpu_allocator_empty_cache);
+  m.def("cpu_allocator_reset_peak", &dafast::cpu_allocator_reset_peak);
+  m.def("cpu_allocator_min_bytes", &dafast::cpu_allocator_min_bytes);
+  m.def("cpu_allocator_stats", [] {
+    const auto s = dafast::cpu_allocator_stats();
+    return std::map<std::string, uint64_t>{
+        {"live_bytes", s.live_bytes}, {"cached_bytes", s.cached_bytes},
+        {"peak_bytes", s.peak_bytes}, {"hits", s.hits}, {"misses", s.misses},
+        {"evictions", s.evictions}};
+  });
 }

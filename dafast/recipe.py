@@ -132,6 +132,11 @@ class Recipe(Settings):
                                          "about a third more compute. Off by default, unlike "
                                          "TRL: dafast's LoRA, MLP and head kernels already keep "
                                          "little")
+    cpu_allocator: Literal["caching", "system"] = Field("caching", description="CPU memory "
+                                                         "while training: dafast's caching "
+                                                         "allocator for tensors of 1 MiB or more "
+                                                         "(dafast.memory: peak RSS follows what "
+                                                         "the tensors hold), or torch's own")
     kernels: Literal["auto", "native", "reference"] = Field("auto", description="dafast "
                                                              "kernels, or the PyTorch references")
     pipelines: list[str] = Field(["cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo"],

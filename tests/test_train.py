@@ -104,6 +104,21 @@ def test_activation_checkpointing_gives_the_same_curve(kind, tiny_model, tmp_pat
                                rtol=1e-5, atol=1e-6)
 
 
+def test_stages_train_on_the_caching_cpu_allocator(tiny_model, tmp_path, monkeypatch):
+    import dafast.memory
+
+    during = []
+    train = base.train
+    monkeypatch.setattr(base, "train", lambda trainer, d: (during.append(dafast.memory.enabled()),
+                                                           train(trainer, d)))
+    for allocator in ("caching", "system"):
+        run_stage("cpt", recipe_for(tmp_path, cpu_allocator=allocator), tiny_model,
+                  tmp_path / allocator)
+    assert during == [dafast.build_info()["loaded"], False]
+    assert not dafast.memory.enabled()  # off again after the stage
+    assert losses(tmp_path / "caching") == losses(tmp_path / "system")
+
+
 class _Killed(Exception):
     pass
 

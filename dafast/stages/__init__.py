@@ -15,6 +15,7 @@ import importlib
 import time
 from pathlib import Path
 
+import dafast.memory
 from dafast.recipe import Recipe
 from dafast.stages import base
 
@@ -36,7 +37,8 @@ def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
                                    base.trainer_arguments(recipe, settings, stage_dir),
                                    base.peft_config(recipe),
                                    [base.MetricsLog(stage_dir / "metrics.jsonl")])
-    base.train(trainer, stage_dir)
+    with dafast.memory.caching_cpu_allocator(recipe.cpu_allocator == "caching"):
+        base.train(trainer, stage_dir)
     return base.finish(trainer, tokenizer, recipe, settings, stage_dir, kind, started)
 
 
