@@ -7,8 +7,9 @@ embedded model), LoRA r16 on every linear layer, fp32, a batch of 4 sequences x 
 4 pairs of prompt + completion = 512 tokens each); DAFAST_BENCH_BATCH / DAFAST_BENCH_SEQ change
 it; DAFAST_BENCH_CHECKPOINTING=1 runs both roles with activation checkpointing (TRL's default,
 off in dafast's recipes). "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's
-LoRA layers); "dafast" gives the trainer dafast's fused head and patches the LoRA layers and the
-SwiGLU MLPs onto dafast's kernels.
+LoRA layers); "dafast" gives the trainer dafast's fused head, patches the LoRA layers and the
+SwiGLU MLPs onto dafast's kernels and, as the stages do, turns dafast's caching CPU allocator on
+(dafast.memory; its peak RSS with torch's allocator is reported too).
 A step is TRL's training_step (forward, loss, backward; for DPO also the reference forward with
 the adapter disabled) plus the AdamW update. extra_info: tokens/s (median) and the peak RSS of a
 separate process that builds the trainer and takes one step, absolute and above the RSS with the
@@ -68,10 +69,9 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None):
     from dafast.models import default_model_dir
 
     dafast.fused_head.use_in_trl(role == "dafast")
-
     settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
-    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), activation_checkpointing=CHECKPOINTING,
-                    **{kind: settings})
+    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32),
+                    activation_checkpointing=CHECKPOINTING, **{kind: settings})
     module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
     model, tokenizer = base.load_model(default_model_dir(), torch.float32)
     arguments = base.trainer_arguments(recipe, recipe.stage(kind), Path("/tmp/dafast-bench-train"))
@@ -100,13 +100,14 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None):
     return step, tokens
 
 
-def peak_rss_mib(kind: str, role: str) -> tuple[float, float]:
+def peak_rss_mib(kind: str, role: str,
+                 caching_allocator: bool | None = None) -> tuple[float, float]:
     """(peak RSS, peak minus the RSS once the trainer is built) of a fresh process, MiB."""
     code = (PEAK_MIB_CODE + "import sys\n"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "from test_train import build_step\n"
             "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
-            f"step, _ = build_step({kind!r}, {role!r})\n"
+            f"step, _ = build_step({kind!r}, {role!r}, {caching_allocator!r})\n"
             "built = rss()\nstep()\n"
             "peak = peak_mib()\n"
             "print(peak, peak - built)")
@@ -121,7 +122,6 @@ def peak_rss_mib(kind: str, role: str) -> tuple[float, float]:
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_stage_step(benchmark, kind, role):
     step, tokens = build_step(kind, role)
-    dafast.memory.reset_peak()
     benchmark.group = f"{kind} step SmolLM2-135M LoRA r16 fp32 {BATCH}x{SEQ}"
     benchmark.extra_info["role"] = role
     losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
@@ -137,6 +137,9 @@ def test_stage_step(benchmark, kind, role):
             peak, above = peak_rss_mib(kind, role)
             benchmark.extra_info["peak_rss_MiB"] = peak
             benchmark.extra_info["step_rss_MiB"] = above
+            if role == "dafast":
+                peak, _ = peak_rss_mib(kind, role, caching_allocator=False)
+                benchmark.extra_info["peak_rss_MiB_system_allocator"] = peak
     assert losses == losses  # a finite loss, not NaN
 
 
