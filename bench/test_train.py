@@ -82,8 +82,10 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None):
         trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     if role == "dafast":
         base.use_dafast_kernels(trainer.model)
-    if caching_allocator if caching_allocator is not None else role == "dafast":
-        dafast.memory.enable()  # as base.train does, once the trainer is built
+    if caching_allocator is None:
+        caching_allocator = role == "dafast"
+    if caching_allocator:
+        dafast.memory.enable()  # as run_stage does, once the trainer is built
     trainer.model.train()
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
