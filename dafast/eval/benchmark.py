@@ -10,6 +10,10 @@ One row per line (the format of DESIGN.md, "Data formats"):
   ``"False"``).
 - ``category`` is ``"basic"`` or ``"advanced"``.
 - ``corpus_only`` (optional, default false) marks questions whose fact is only in the CPT corpus.
+- ``split`` (optional): ``"tune"`` or ``"held_out"``, the half of the benchmark the question
+  belongs to. Without it the half follows from the id (:func:`split_of`), so it is fixed for a
+  benchmark whatever model or run reads it: settings are chosen on the tune half and the
+  held-out half shows whether the choice carries over.
 - Other keys are ignored.
 
 Any bad row (not JSON, a missing or invalid field, an answer that is not among the options, a
@@ -20,6 +24,7 @@ benchmark is never scored half-read.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import os
@@ -28,6 +33,7 @@ import re
 TYPES = ("mc", "tf")
 CATEGORIES = ("basic", "advanced")
 TF_ANSWERS = ("True", "False")
+SPLITS = ("tune", "held_out")
 BUILTIN_PREFIX = "builtin:"
 
 # An option line of an mc question: "A. Flagelliform silk".
@@ -47,11 +53,18 @@ class Question:
     question: str
     answer: str  # a letter for mc, "True"/"False" for tf
     options: dict[str, str] = dataclasses.field(default_factory=dict)  # mc: letter -> text
+    split: str = "tune"  # "tune" | "held_out"
 
     @property
     def choices(self) -> tuple[str, ...]:
         """The answers a model can give: the option letters (mc) or True/False (tf)."""
         return tuple(self.options) if self.type == "mc" else TF_ANSWERS
+
+
+def split_of(qid: str) -> str:
+    """The benchmark half of a question without a ``split`` field: the parity of its id's
+    SHA-256, a fixed, model-independent and roughly even split."""
+    return SPLITS[hashlib.sha256(qid.encode("utf-8")).digest()[0] % 2]
 
 
 def parse_options(question: str) -> dict[str, str]:
@@ -106,7 +119,10 @@ def _check_row(row: object, where: str) -> Question:
         raise BenchmarkError(
             f"{where}: field 'answer': a tf answer must be 'True' or 'False', got {answer!r}"
         )
-    return Question(qid, qtype, category, corpus_only, question, answer, options)
+    split = field("split", str, default=split_of(qid))
+    if split not in SPLITS:
+        raise BenchmarkError(f"{where}: field 'split' must be one of {SPLITS}, got {split!r}")
+    return Question(qid, qtype, category, corpus_only, question, answer, options, split)
 
 
 def parse_benchmark(text: str, name: str) -> list[Question]:

@@ -1,4 +1,4 @@
-"""Run the benchmark on a model: a generation column and two log-likelihood columns.
+"""Run the benchmark on a model: the columns of COLUMNS, one answer per question in each.
 
 - Generation (the paper's protocol): greedy decoding of a few tokens after the prompt of
   :mod:`dafast.eval.answers`, read by :func:`parse_answer`; an unparseable reply is wrong.
@@ -8,6 +8,8 @@
   from "follows the answer format", which matters for base and heavily fine-tuned models.
 - Calibrated log-likelihood: the same scores less each choice's mean over the benchmark
   (:func:`calibrated_choices`), for models whose choice is mostly a fixed letter preference.
+- Cloze and PMI (:mod:`dafast.eval.cloze`): each option's own text scored as the answer to the
+  question without the option list; the columns that small models can be read by.
 
 All are deterministic: greedy decoding, no sampling, batches formed in a fixed order. Prompts
 are sorted by length so a batch holds similar lengths (less padding); numerics can depend on
@@ -32,11 +34,16 @@ import torch
 
 from dafast.eval.answers import continuations, encode_prompt, parse_answer, prompt_text
 from dafast.eval.benchmark import Question, load_benchmark
+from dafast.eval.cloze import cloze_answers, cloze_scores
 
 logger = logging.getLogger(__name__)
 
-# The accuracy groups of a summary, in report order.
-GROUPS = ("overall", "basic", "advanced", "mc", "tf", "corpus_only", "not_corpus_only")
+# The accuracy groups of a summary, in report order. "tune" and "held_out" are the benchmark's
+# two fixed halves (:attr:`Question.split`): settings are chosen on one, reported on both.
+GROUPS = ("overall", "basic", "advanced", "mc", "tf", "corpus_only", "not_corpus_only",
+          "tune", "held_out")
+# The answer columns, in report order (see the module docstring and dafast.eval.cloze).
+COLUMNS = ("generation", "loglik", "calibrated", "cloze", "pmi")
 
 
 @dataclasses.dataclass
@@ -54,6 +61,11 @@ class Record:
     loglik_choice: str | None = None  # None when the log-likelihood column was not run
     loglik_correct: bool | None = None
     loglik_scores: dict[str, float] | None = None  # choice -> summed log-prob
+    split: str = "tune"  # the benchmark half: "tune" | "held_out"
+    cloze_scores: dict[str, float] | None = None  # choice -> log-prob per byte (tf: raw)
+    pmi_scores: dict[str, float] | None = None  # choice -> log-prob less the unconditional one
+    # column -> the choice it made (None: unparseable or not run), for every column in COLUMNS
+    answers: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -74,6 +86,8 @@ def _in_group(record: Record, group: str) -> bool:
         "tf": record.type == "tf",
         "corpus_only": record.corpus_only,
         "not_corpus_only": not record.corpus_only,
+        "tune": record.split == "tune",
+        "held_out": record.split == "held_out",
     }[group]
 
 
@@ -95,31 +109,23 @@ def calibrated_choices(records: Sequence[Record]) -> dict[str, str]:
 
 
 def summarize(records: Sequence[Record]) -> dict:
-    """Accuracies (fractions in [0, 1]; None for an empty group) of the three columns.
+    """Accuracies (fractions in [0, 1]; None for an empty group) of every column that ran.
 
-    ``{"n": {group: count}, "generation": {group: acc}, "loglik": {group: acc} | None,
-    "calibrated": {group: acc} | None, "unparseable": count}`` with the groups of GROUPS;
-    calibrated: the log-likelihood choice after :func:`calibrated_choices`.
+    ``{"n": {group: count}, COLUMN: {group: acc} | None for each of COLUMNS,
+    "unparseable": count}`` with the groups of GROUPS; a column is None when it did not run
+    (no answer in the records' ``answers``).
     """
     def accuracy(flags: list[bool]) -> float | None:
         return sum(flags) / len(flags) if flags else None
 
     members = {g: [r for r in records if _in_group(r, g)] for g in GROUPS}
-    has_loglik = bool(records) and all(r.loglik_correct is not None for r in records)
-    calibrated = calibrated_choices(records) if has_loglik else {}
-    return {
-        "n": {g: len(rs) for g, rs in members.items()},
-        "generation": {g: accuracy([r.correct for r in rs]) for g, rs in members.items()},
-        "loglik": (
-            {g: accuracy([bool(r.loglik_correct) for r in rs]) for g, rs in members.items()}
-            if has_loglik else None
-        ),
-        "calibrated": (
-            {g: accuracy([calibrated[r.id] == r.gold for r in rs]) for g, rs in members.items()}
-            if has_loglik else None
-        ),
-        "unparseable": sum(r.parsed is None for r in records),
-    }
+    summary: dict = {"n": {g: len(rs) for g, rs in members.items()}}
+    for column in COLUMNS:
+        ran = bool(records) and all(column in r.answers for r in records)
+        summary[column] = ({g: accuracy([r.answers[column] == r.gold for r in rs])
+                            for g, rs in members.items()} if ran else None)
+    summary["unparseable"] = sum(r.parsed is None for r in records)
+    return summary
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,9 +221,12 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 8,
     loglik: bool = True,
+    cloze: bool = True,
     share_prefix: bool = True,
 ) -> EvalResult:
-    """Ask every question; return per-question records and summary accuracies (both columns).
+    """Ask every question; return per-question records and summary accuracies of every column
+    (generation; with ``loglik`` the letter log-likelihood and its calibration; with ``cloze``
+    the cloze and PMI columns of :mod:`dafast.eval.cloze`).
 
     ``model`` is a causal LM (transformers), ``tokenizer`` its tokenizer. Runs on the model's
     device, in its dtype, under inference mode; the model is left in the mode it was in.
@@ -274,15 +283,27 @@ def evaluate(
                                          first_step[row] if loglik else None, pad_id)
                 logger.info("evaluated %d/%d questions (%.1f s)", min(first + batch_size, len(order)),
                             len(order), time.perf_counter() - start)
+            if cloze:
+                cloze_by_q, pmi_by_q = cloze_scores(model, tokenizer, questions, pad_id,
+                                                    batch_size=4 * batch_size)
+                for record, c, p in zip(records, cloze_by_q, pmi_by_q):
+                    record.cloze_scores, record.pmi_scores = c, p
+                for column, scores in (("cloze", cloze_by_q), ("pmi", pmi_by_q)):
+                    for record, answer in zip(records, cloze_answers(questions, scores)):
+                        record.answers[column] = answer
     finally:
         model.train(was_training)
+    if loglik:
+        calibrated = calibrated_choices(records)
+        for record in records:
+            record.answers["calibrated"] = calibrated[record.id]
     return EvalResult(records, summarize(records))
 
 
 def _record(model, q: Question, reply: str, prompt: list[int], conts, first_step, pad_id) -> Record:
     parsed = parse_answer(reply, q.type, q.options)
     record = Record(q.id, q.category, q.type, q.corpus_only, q.answer, reply, parsed,
-                    parsed == q.answer)
+                    parsed == q.answer, split=q.split, answers={"generation": parsed})
     if conts is not None:
         if all(len(c) == 1 for c in conts):
             scores = [first_step[c[0]].item() for c in conts]
@@ -292,6 +313,7 @@ def _record(model, q: Question, reply: str, prompt: list[int], conts, first_step
         record.loglik_choice = q.choices[best]
         record.loglik_correct = record.loglik_choice == q.answer
         record.loglik_scores = dict(zip(q.choices, scores))
+        record.answers["loglik"] = record.loglik_choice
     return record
 
 

@@ -1,0 +1,166 @@
+"""The cloze columns: each option's own text scored as the answer to the question's stem.
+
+Small models read a lettered option list poorly: their letter choice mostly follows a prior over
+letters (PriDe, arXiv 2309.03882), so the paper's protocol and the letter log-likelihood can
+stay at chance while the model does know the facts. The cloze form (OLMES, arXiv 2406.08446;
+lm-evaluation-harness's ``acc_norm``) asks the question without the list and scores each option
+as the continuation, which is the form continued pretraining trains:
+
+    <BOS>Question: {stem}\\nAnswer: {option text}
+
+- ``cloze`` (mc): the option's summed log-probability divided by its length in UTF-8 bytes
+  (longer options are not penalised for their length).
+- ``pmi`` (mc): the summed log-probability less the option's log-probability after the bare
+  context ``Answer:`` (pointwise mutual information with the question), so an option that is
+  likely whatever the question (a common word, a familiar phrase) gains nothing from that.
+- tf, in both columns: a statement has no alternatives to compare, and a benchmark row carries no
+  negation of it (writing one automatically is unreliable: quantities, double negatives). The
+  statement is asked in the same cloze form with the continuations " True" and " False", and
+  the True-minus-False margin is calibrated: a statement is called True when its margin is above
+  the mean margin over the benchmark's tf statements. A model that answers every statement alike
+  scores as a coin would, and only a margin that follows the facts lifts it.
+
+The context starts with BOS as CPT's packed chunks do. Each batch computes its contexts once
+(keys and values cached) and then scores all their options after them in one forward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from dafast.eval.benchmark import Question
+
+CLOZE_TEMPLATE = "Question: {stem}\nAnswer:"
+UNCONDITIONAL = "Answer:"
+_OPTION_LINE = re.compile(r"^[A-Z]\.\s+\S.*$", re.MULTILINE)
+
+
+def stem(question: Question) -> str:
+    """The question text without its option lines (mc), or the statement as asked (tf)."""
+    text = _OPTION_LINE.sub("", question.question) if question.type == "mc" else question.question
+    return " ".join(text.split())
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids if bos is None else [bos] + ids
+
+
+def _continuation(tokenizer, context: str, text: str) -> list[int]:
+    """Tokens of ``text`` as they follow ``context`` (the joint encoding, cut after the context)."""
+    before = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    if whole[: len(before)] == before and len(whole) > len(before):
+        return whole[len(before):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def _right_pad(rows: list[list[int]], pad_id: int):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def score_after(model, contexts: Sequence[list[int]], continuations: Sequence[tuple[int, list[int]]],
+                pad_id: int, batch_size: int = 64) -> list[float]:
+    """Summed log p(tokens | contexts[i]) for every (i, tokens) in ``continuations``.
+
+    Continuations are taken ``batch_size`` at a time; the contexts they follow are run once per
+    batch (left-padded, KV cache kept), the cache is repeated per continuation, and the
+    continuations run after it right-padded. The first token of a continuation is scored by
+    the context's last logits, each later one by the logits before it."""
+    from transformers.cache_utils import DynamicCache
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(continuations)), key=lambda k: continuations[k][0])
+    scores = [0.0] * len(continuations)
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        used = sorted({continuations[k][0] for k in batch})
+        slot = {c: s for s, c in enumerate(used)}
+        ctx_ids, ctx_mask = _left_pad([list(contexts[c]) for c in used], pad_id)
+        positions = (ctx_mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = model(input_ids=ctx_ids.to(device), attention_mask=ctx_mask.to(device),
+                    position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+        last = out.logits[:, -1].float().log_softmax(-1)  # [contexts, V]
+        rows = [slot[continuations[k][0]] for k in batch]
+        cache.batch_select_indices(torch.tensor(rows, device=device))
+        cont_ids, cont_mask = _right_pad([continuations[k][1] for k in batch], pad_id)
+        lengths = ctx_mask.sum(1)[rows]
+        cont_positions = lengths[:, None] + torch.arange(cont_ids.shape[1])[None]
+        mask = torch.cat([ctx_mask[rows], cont_mask], 1)
+        logits = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=cont_positions.to(device), past_key_values=cache,
+                       use_cache=True).logits.float().log_softmax(-1)
+        for row, k in enumerate(batch):
+            tokens = continuations[k][1]
+            total = last[rows[row], tokens[0]].item()
+            if len(tokens) > 1:
+                later = torch.tensor(tokens[1:], device=device)
+                total += logits[row, torch.arange(len(tokens) - 1, device=device), later].sum().item()
+            scores[k] = total
+    return scores
+
+
+def cloze_scores(model, tokenizer, questions: Sequence[Question], pad_id: int,
+                 batch_size: int = 64) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Per question, {choice: cloze score} and {choice: pmi score} (tf: the raw True/False
+    log-probabilities in both; :func:`cloze_answers` calibrates them)."""
+    contexts = [_encode(tokenizer, CLOZE_TEMPLATE.format(stem=stem(q))) for q in questions]
+    texts = [CLOZE_TEMPLATE.format(stem=stem(q)) for q in questions]
+    conts, owners, options = [], [], []
+    for i, q in enumerate(questions):
+        choices = q.options if q.type == "mc" else {c: c for c in q.choices}
+        for choice, text in choices.items():
+            conts.append((i, _continuation(tokenizer, texts[i], " " + text)))
+            owners.append((i, choice))
+            options.append(text)
+    conditional = score_after(model, contexts, conts, pad_id, batch_size)
+
+    unique = sorted({text for (i, _), text in zip(owners, options) if questions[i].type == "mc"})
+    bare = [(0, _continuation(tokenizer, UNCONDITIONAL, " " + text)) for text in unique]
+    prior = dict(zip(unique, score_after(model, [_encode(tokenizer, UNCONDITIONAL)], bare,
+                                         pad_id, batch_size))) if unique else {}
+
+    cloze: list[dict[str, float]] = [{} for _ in questions]
+    pmi: list[dict[str, float]] = [{} for _ in questions]
+    for (i, choice), text, logp in zip(owners, options, conditional):
+        if questions[i].type == "mc":
+            cloze[i][choice] = logp / len(text.encode("utf-8"))
+            pmi[i][choice] = logp - prior[text]
+        else:
+            cloze[i][choice] = pmi[i][choice] = logp
+    return cloze, pmi
+
+
+def cloze_answers(questions: Sequence[Question], scores: Sequence[dict[str, float]]) -> list[str]:
+    """The chosen answer per question: the best-scoring option (mc; ties go to the first), or
+    True when the statement's True-False margin is above the mean margin of the tf questions."""
+    margins = [s["True"] - s["False"] for q, s in zip(questions, scores) if q.type == "tf"]
+    threshold = sum(margins) / len(margins) if margins else 0.0
+    answers = []
+    for q, s in zip(questions, scores):
+        if q.type == "tf":
+            answers.append("True" if s["True"] - s["False"] > threshold else "False")
+        else:
+            answers.append(max(s, key=lambda c: s[c]))
+    return answers
