@@ -156,6 +156,15 @@ def test_builtin_benchmark():
     assert [q.id for q in load_benchmark("biomat")] == [q.id for q in questions]
 
 
+def test_builtin_invented_fact_benchmark():
+    # The second bundled domain parses with the same loader as the first.
+    questions = load_benchmark("builtin:keldara")
+    assert len(questions) == 40
+    assert sum(q.type == "mc" for q in questions) == 24
+    assert sum(q.corpus_only for q in questions) == 20
+    assert all(len(q.options) == 4 for q in questions if q.type == "mc")
+
+
 # --- synergy -------------------------------------------------------------------------------
 
 def _summary(overall, loglik=None, unparseable=0):

@@ -160,7 +160,8 @@ def load_benchmark(path: str | os.PathLike) -> list[Question]:
     """Load and validate a benchmark: a JSONL file, or ``builtin:NAME`` / ``NAME`` (bundled).
 
     An existing file wins over a bundled name; ``builtin:biomat`` is the paper-domain benchmark
-    shipped in dafast/data/biomat (240 questions).
+    shipped in dafast/data/biomat (240 questions), ``builtin:keldara`` one of invented facts
+    (40 questions) that no pretrained model can know.
     """
     spec = os.fspath(path)
     if not spec.startswith(BUILTIN_PREFIX) and os.path.exists(spec):

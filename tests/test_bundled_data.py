@@ -1,7 +1,8 @@
-"""Validation of the bundled biological-materials dataset (dafast/data/biomat/).
+"""Validation of every bundled dataset (each folder of dafast/data/, e.g. biomat and keldara).
 
 Standard library and pytest only: no loader, no tokenizer, no torch. Every failure names the
-file and the line number of the offending row.
+dataset, the file and the line number of the offending row. Size limits are proportions (of the
+corpus's documents, of the benchmark's questions), so small and large datasets meet the same rules.
 """
 import json
 import re
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).parents[1] / "dafast/data/biomat"
+DATA_ROOT = Path(__file__).parents[1] / "dafast/data"
+DATASETS = sorted(d.name for d in DATA_ROOT.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
+FILES = ("corpus.jsonl", "sft.jsonl", "preferences.jsonl", "benchmark.jsonl")
 
-# Word counts stand in for token counts: the target is 40k-80k tokens, at about 1.3 tokens a word.
-MIN_WORDS, MAX_WORDS = 30_000, 62_000
+# Below these sizes the balance checks (letters, True/False, corpus-only) say little.
+MIN_DOCUMENTS, MIN_QUESTIONS = 20, 40
+DOC_WORDS = (150, 700)
 
 WORD = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
 OPTION = re.compile(r"^([A-Z])\. (\S.*)$")
@@ -32,9 +36,10 @@ same like over well long high lose loss four five type good best mean seen show 
 """.split())
 
 
-def read_jsonl(name):
-    path = DATA / name
+def read_jsonl(data_dir, file):
+    path = data_dir / file
     assert path.is_file(), f"missing {path}"
+    name = f"{data_dir.name}/{file}"
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -56,45 +61,54 @@ def check_keys(name, n, obj, spec):
             assert obj[k].strip(), f"{name}:{n}: {k!r} is empty"
 
 
+@pytest.fixture(scope="module", params=DATASETS)
+def data_dir(request):
+    return DATA_ROOT / request.param
+
+
 @pytest.fixture(scope="module")
-def corpus():
-    rows = read_jsonl("corpus.jsonl")
+def corpus(data_dir):
+    name = f"{data_dir.name}/corpus.jsonl"
+    rows = read_jsonl(data_dir, "corpus.jsonl")
     for n, o in rows:
-        check_keys("corpus.jsonl", n, o, {"id": str, "title": str, "text": str})
+        check_keys(name, n, o, {"id": str, "title": str, "text": str})
     return rows
 
 
 @pytest.fixture(scope="module")
-def sft():
-    rows = read_jsonl("sft.jsonl")
+def sft(data_dir):
+    name = f"{data_dir.name}/sft.jsonl"
+    rows = read_jsonl(data_dir, "sft.jsonl")
     for n, o in rows:
-        check_keys("sft.jsonl", n, o, {"messages": list})
+        check_keys(name, n, o, {"messages": list})
         msgs = o["messages"]
-        assert len(msgs) >= 2 and len(msgs) % 2 == 0, f"sft.jsonl:{n}: {len(msgs)} messages"
+        assert len(msgs) >= 2 and len(msgs) % 2 == 0, f"{name}:{n}: {len(msgs)} messages"
         for i, m in enumerate(msgs):
-            assert isinstance(m, dict), f"sft.jsonl:{n}: message {i} is not an object"
-            check_keys("sft.jsonl", n, m, {"role": str, "content": str})
+            assert isinstance(m, dict), f"{name}:{n}: message {i} is not an object"
+            check_keys(name, n, m, {"role": str, "content": str})
             want = "user" if i % 2 == 0 else "assistant"
-            assert m["role"] == want, f"sft.jsonl:{n}: message {i} has role {m['role']!r}, expected {want!r}"
+            assert m["role"] == want, f"{name}:{n}: message {i} has role {m['role']!r}, expected {want!r}"
     return rows
 
 
 @pytest.fixture(scope="module")
-def prefs():
-    rows = read_jsonl("preferences.jsonl")
+def prefs(data_dir):
+    name = f"{data_dir.name}/preferences.jsonl"
+    rows = read_jsonl(data_dir, "preferences.jsonl")
     for n, o in rows:
-        check_keys("preferences.jsonl", n, o, {"prompt": str, "chosen": str, "rejected": str})
+        check_keys(name, n, o, {"prompt": str, "chosen": str, "rejected": str})
     return rows
 
 
 @pytest.fixture(scope="module")
-def bench():
-    rows = read_jsonl("benchmark.jsonl")
+def bench(data_dir):
+    name = f"{data_dir.name}/benchmark.jsonl"
+    rows = read_jsonl(data_dir, "benchmark.jsonl")
     spec = {"id": str, "type": str, "category": str, "corpus_only": bool, "question": str, "answer": str}
     for n, o in rows:
-        check_keys("benchmark.jsonl", n, o, spec)
-        assert o["type"] in ("mc", "tf"), f"benchmark.jsonl:{n}: type {o['type']!r}"
-        assert o["category"] in ("basic", "advanced"), f"benchmark.jsonl:{n}: category {o['category']!r}"
+        check_keys(name, n, o, spec)
+        assert o["type"] in ("mc", "tf"), f"{name}:{n}: type {o['type']!r}"
+        assert o["category"] in ("basic", "advanced"), f"{name}:{n}: category {o['category']!r}"
     return rows
 
 
@@ -166,82 +180,104 @@ def sft_pref_texts(sft, prefs):
 # ---------------------------------------------------------------- shapes and counts
 
 
-def test_corpus(corpus):
-    assert 60 <= len(corpus) <= 120, f"{len(corpus)} documents"
+def test_corpus(corpus, data_dir):
+    name = f"{data_dir.name}/corpus.jsonl"
+    assert len(corpus) >= MIN_DOCUMENTS, f"{name}: {len(corpus)} documents"
     ids = Counter(o["id"] for _, o in corpus)
-    assert not [i for i, c in ids.items() if c > 1], "duplicate document ids"
+    assert not [i for i, c in ids.items() if c > 1], f"{name}: duplicate document ids"
     titles = Counter(o["title"] for _, o in corpus)
-    assert not [t for t, c in titles.items() if c > 1], "duplicate document titles"
-    words = sum(len(o["text"].split()) for _, o in corpus)
-    assert MIN_WORDS <= words <= MAX_WORDS, f"corpus has {words} words"
+    assert not [t for t, c in titles.items() if c > 1], f"{name}: duplicate document titles"
     for n, o in corpus:
-        assert len(o["text"].split()) >= 150, f"corpus.jsonl:{n}: document too short"
+        words = len(o["text"].split())
+        assert DOC_WORDS[0] <= words <= DOC_WORDS[1], f"{name}:{n}: document of {words} words"
 
 
-def test_sft(sft):
-    assert len(sft) >= 300, f"{len(sft)} SFT conversations"
+def test_readme_matches_data(data_dir, corpus):
+    """The dataset's README states its row counts (the files table) and the corpus's word count;
+    both must match the files, so a dataset edited without its README fails here."""
+    readme = data_dir / "README.md"
+    assert readme.is_file(), f"missing {readme}"
+    text = readme.read_text(encoding="utf-8")
+    stated = {m.group(1): int(m.group(2).replace(",", ""))
+              for m in re.finditer(r"^\| `(\w+\.jsonl)` \| ([\d,]+) ", text, re.M)}
+    assert set(stated) == set(FILES), f"{readme}: files table lists {sorted(stated)}"
+    for file, count in stated.items():
+        rows = len(read_jsonl(data_dir, file))
+        assert rows == count, f"{readme}: states {count} rows for {file}, the file has {rows}"
+    words = re.search(r"the corpus has ([\d,]+) words", text)
+    assert words, f"{readme}: no 'the corpus has N words'"
+    actual = sum(len(o["text"].split()) for _, o in corpus)
+    assert int(words.group(1).replace(",", "")) == actual, f"{readme}: states {words.group(1)} words, the corpus has {actual}"
+
+
+def test_sft(sft, corpus, data_dir):
+    name = f"{data_dir.name}/sft.jsonl"
+    assert len(sft) >= len(corpus), f"{name}: {len(sft)} conversations for {len(corpus)} documents"
     seen = Counter(norm(o["messages"][0]["content"]) for _, o in sft)
     dups = [q for q, c in seen.items() if c > 1]
-    assert not dups, f"duplicate first user turns: {dups[:3]}"
+    assert not dups, f"{name}: duplicate first user turns: {dups[:3]}"
 
 
-def test_preferences(prefs):
-    assert len(prefs) >= 200, f"{len(prefs)} preference pairs"
+def test_preferences(prefs, corpus, data_dir):
+    name = f"{data_dir.name}/preferences.jsonl"
+    assert len(prefs) >= len(corpus), f"{name}: {len(prefs)} pairs for {len(corpus)} documents"
     for n, o in prefs:
-        assert norm(o["chosen"]) != norm(o["rejected"]), f"preferences.jsonl:{n}: chosen == rejected"
+        assert norm(o["chosen"]) != norm(o["rejected"]), f"{name}:{n}: chosen == rejected"
     seen = Counter(norm(o["prompt"]) for _, o in prefs)
-    assert not [p for p, c in seen.items() if c > 1], "duplicate preference prompts"
+    assert not [p for p, c in seen.items() if c > 1], f"{name}: duplicate preference prompts"
 
 
-def test_benchmark_rows(bench):
-    assert len(bench) >= 150, f"{len(bench)} benchmark questions"
+def test_benchmark_rows(bench, corpus, data_dir):
+    name = f"{data_dir.name}/benchmark.jsonl"
+    assert len(bench) >= max(MIN_QUESTIONS, len(corpus)), f"{name}: {len(bench)} questions"
     ids = Counter(o["id"] for _, o in bench)
-    assert not [i for i, c in ids.items() if c > 1], "duplicate question ids"
+    assert not [i for i, c in ids.items() if c > 1], f"{name}: duplicate question ids"
     stems = Counter(norm(stem_of(o)) for _, o in bench)
-    assert not [s for s, c in stems.items() if c > 1], "duplicate questions"
+    assert not [s for s, c in stems.items() if c > 1], f"{name}: duplicate questions"
     for n, o in bench:
         if o["type"] == "mc":
             stem, opts = split_mc(o["question"])
-            assert stem, f"benchmark.jsonl:{n}: no question before the options"
-            assert list(opts) == ["A", "B", "C", "D"], f"benchmark.jsonl:{n}: options {list(opts)}"
-            assert len({norm(t) for t in opts.values()}) == 4, f"benchmark.jsonl:{n}: repeated option"
-            assert o["answer"] in opts, f"benchmark.jsonl:{n}: answer {o['answer']!r}"
+            assert stem, f"{name}:{n}: no question before the options"
+            assert list(opts) == ["A", "B", "C", "D"], f"{name}:{n}: options {list(opts)}"
+            assert len({norm(t) for t in opts.values()}) == 4, f"{name}:{n}: repeated option"
+            assert o["answer"] in opts, f"{name}:{n}: answer {o['answer']!r}"
         else:
-            assert o["answer"] in ("True", "False"), f"benchmark.jsonl:{n}: answer {o['answer']!r}"
-            assert not OPTION.search(o["question"].split("\n")[-1]), f"benchmark.jsonl:{n}: tf with options"
+            assert o["answer"] in ("True", "False"), f"{name}:{n}: answer {o['answer']!r}"
+            assert not OPTION.search(o["question"].split("\n")[-1]), f"{name}:{n}: tf with options"
 
 
-def test_benchmark_balance(bench):
+def test_benchmark_balance(bench, data_dir):
+    name = data_dir.name
     qs = [o for _, o in bench]
     mc = [o for o in qs if o["type"] == "mc"]
     tf = [o for o in qs if o["type"] == "tf"]
-    assert 0.5 <= len(mc) / len(qs) <= 0.7, f"{len(mc)} mc of {len(qs)}"
+    assert 0.5 <= len(mc) / len(qs) <= 0.7, f"{name}: {len(mc)} mc of {len(qs)}"
     letters = Counter(o["answer"] for o in mc)
     for L in "ABCD":
-        assert 0.15 <= letters[L] / len(mc) <= 0.35, f"letter balance {dict(letters)}"
+        assert 0.15 <= letters[L] / len(mc) <= 0.35, f"{name}: letter balance {dict(letters)}"
     trues = sum(o["answer"] == "True" for o in tf)
-    assert 0.35 <= trues / len(tf) <= 0.65, f"{trues} True of {len(tf)} tf"
+    assert 0.35 <= trues / len(tf) <= 0.65, f"{name}: {trues} True of {len(tf)} tf"
     corpus_only = sum(o["corpus_only"] for o in qs)
-    assert 0.4 <= corpus_only / len(qs) <= 0.6, f"{corpus_only} corpus-only of {len(qs)}"
+    assert 0.4 <= corpus_only / len(qs) <= 0.6, f"{name}: {corpus_only} corpus-only of {len(qs)}"
     cats = Counter(o["category"] for o in qs)
-    assert cats["basic"] and cats["advanced"] >= 0.2 * len(qs), f"categories {dict(cats)}"
+    assert cats["basic"] and cats["advanced"] >= 0.2 * len(qs), f"{name}: categories {dict(cats)}"
     # Both halves of the benchmark have both kinds of question.
     for flag in (True, False):
         kinds = Counter(o["type"] for o in qs if o["corpus_only"] == flag)
-        assert kinds["mc"] and kinds["tf"], f"corpus_only={flag}: {dict(kinds)}"
+        assert kinds["mc"] and kinds["tf"], f"{name}: corpus_only={flag}: {dict(kinds)}"
 
 
 # ---------------------------------------------------------------- separation of the splits
 
 
-def test_no_benchmark_question_in_training_prompts(bench, sft, prefs):
+def test_no_benchmark_question_in_training_prompts(bench, sft, prefs, data_dir):
     prompts = {norm(m["content"]) for _, o in sft for m in o["messages"] if m["role"] == "user"}
     prompts |= {norm(o["prompt"]) for _, o in prefs}
     for n, o in bench:
-        assert norm(stem_of(o)) not in prompts, f"benchmark.jsonl:{n}: question appears in SFT/preferences"
+        assert norm(stem_of(o)) not in prompts, f"{data_dir.name}/benchmark.jsonl:{n}: question appears in SFT/preferences"
 
 
-def test_corpus_only_terms_absent_from_training_data(bench, sft, prefs, corpus):
+def test_corpus_only_terms_absent_from_training_data(bench, sft, prefs, corpus, data_dir):
     """Each corpus-only question must hinge on at least one distinctive term (a number or an
     uncommon word from its stem and its correct option or statement) that occurs in the corpus
     and nowhere in the SFT or preference data: a cheap guard against facts leaking into them."""
@@ -253,11 +289,11 @@ def test_corpus_only_terms_absent_from_training_data(bench, sft, prefs, corpus):
             continue
         unseen = (key_terms(o) & in_corpus) - trained
         if not unseen:
-            leaks.append(f"benchmark.jsonl:{n} ({o['id']}): all of {sorted(key_terms(o))} occur in SFT/preferences")
+            leaks.append(f"{data_dir.name}/benchmark.jsonl:{n} ({o['id']}): all of {sorted(key_terms(o))} occur in SFT/preferences")
     assert not leaks, "\n".join(leaks)
 
 
-def test_benchmark_terms_in_corpus(bench, corpus):
+def test_benchmark_terms_in_corpus(bench, corpus, data_dir):
     """Every question's distinctive terms are mostly found in the corpus (its facts come from it)."""
     in_corpus = vocab(o["title"] + " " + o["text"] for _, o in corpus)
     bad = []
@@ -265,5 +301,5 @@ def test_benchmark_terms_in_corpus(bench, corpus):
         terms = key_terms(o)
         missing = terms - in_corpus
         if terms and len(missing) > len(terms) / 2:
-            bad.append(f"benchmark.jsonl:{n} ({o['id']}): not in corpus: {sorted(missing)}")
+            bad.append(f"{data_dir.name}/benchmark.jsonl:{n} ({o['id']}): not in corpus: {sorted(missing)}")
     assert not bad, "\n".join(bad)
