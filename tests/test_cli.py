@@ -70,3 +70,20 @@ def test_plan_anywhere_among_the_overrides(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["instruct", "cpt"]
     assert lines[1].split()[2:] == ["train,", "evaluate"]  # nothing on disk yet
+
+
+def test_a_run_prints_one_line_per_stage_and_no_step_records(tiny_model, tmp_path):
+    """Outside pytest's warning filters: the console of a real run."""
+    from test_train import recipe_for
+
+    recipe = recipe_for(tmp_path, model=str(tiny_model), pipelines=["cpt-sft"])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    result = subprocess.run([sys.executable, "-m", "dafast.train", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    trained = [line for line in result.stdout.splitlines() if ": trained 6 steps" in line]
+    assert len(trained) == 2 and "cpt (cpt): trained" in trained[0] and " loss " in trained[0]
+    assert "{'loss'" not in result.stdout + result.stderr
+    assert "is_gradient_checkpointing" not in result.stderr
+    assert "6/6" in result.stderr  # the progress bar
