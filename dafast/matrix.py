@@ -192,20 +192,27 @@ def _run_node(node: Node, nodes: dict[str, Node], recipe: Recipe, root: Path) ->
             stats = slerp_merge(instruct, trained, out, t=node.merge_t, dtype=recipe.merge.dtype)
             stats["seconds"] = time.time() - started  # kept, so a rerun's report has it
             (out / MERGE_DONE).write_text(json.dumps(stats, default=str))
-        node.times["merge"] = _read_json(out / MERGE_DONE).get("seconds", 0.0)
+        _record_time(node, "merge", _read_json(out / MERGE_DONE))
         return out
     from dafast.stages import run_stage
 
     parent = nodes[node.parents[0]]
     model_dir = run_stage(node.kind, node.recipe, parent.model_dir, out)
     result = _read_json(out / "result.json")
-    node.times["training"] = result.get("seconds", 0.0)
+    _record_time(node, "training", result)
     if not node.action.startswith("cached"):
         loss = f"loss {result.get('first_loss') or float('nan'):.4g} -> " \
                f"{result.get('final_loss') or float('nan'):.4g}"
         log.info("%s (%s): trained %s steps, %s tokens, %s, %.1f s", node.name, node.kind,
-                 result.get("steps"), result.get("tokens"), loss, node.times["training"])
+                 result.get("steps"), result.get("tokens"), loss, result.get("seconds", 0.0))
     return model_dir
+
+
+def _record_time(node: Node, what: str, record: dict) -> None:
+    """The seconds a result recorded when it was made (results older than that record have no
+    time, and get no row rather than a false one)."""
+    if "seconds" in record:
+        node.times[what] = record["seconds"]
 
 
 def _link(root: Path, node: Node) -> None:
@@ -292,7 +299,7 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
             if main_process:
                 _link(root, node)
             if node.kind == "merge" and not node.action.startswith("cached"):
-                log.info("%s (merge): merged in %.1f s", node.name, node.times["merge"])
+                log.info("%s (merge): merged in %.1f s", node.name, node.times.get("merge", 0.0))
         except Exception as e:  # one failing node fails only its descendants
             node.status, node.error = "failed", f"{type(e).__name__}: {e}"
             log.error("node %s failed:\n%s", node.name, traceback.format_exc())
@@ -309,10 +316,10 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
                 try:
                     payload = _evaluate(node, recipe, root)
                     node.summary = payload["summary"]
-                    node.times["evaluation"] = payload.get("seconds", 0.0)
+                    _record_time(node, "evaluation", payload)
                     cached = "(cached) " if node.action.endswith("eval cached") else ""
                     log.info("%s: evaluated %s%s, %.1f s", node.name, cached,
-                             _accuracy_line(node.summary), node.times["evaluation"])
+                             _accuracy_line(node.summary), payload.get("seconds", 0.0))
                 except Exception as e:
                     node.status, node.error = "failed", f"evaluation: {type(e).__name__}: {e}"
                     log.error("evaluating %s failed:\n%s", node.name, traceback.format_exc())
