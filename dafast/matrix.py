@@ -45,7 +45,8 @@ class Node:
     source: Path | None = None     # kind "model": the model directory
     status: str = "pending"        # then "done", "failed" or "skipped"
     error: str | None = None
-    seconds: float = 0.0
+    action: str = ""               # what a run does with it: see plan_actions
+    times: dict = field(default_factory=dict)  # "training"/"merge"/"evaluation" -> seconds
     model_dir: Path | None = None
     summary: dict | None = field(default=None, repr=False)
     recipe: Recipe | None = field(default=None, repr=False)  # a stage: its (swept) settings
@@ -87,7 +88,10 @@ def _training_identity(recipe: Recipe, kind: str) -> dict:
             "data": _data_identity(settings.data, kind),
             "finetune": recipe.finetune,
             "lora": recipe.lora.model_dump() if recipe.finetune == "lora" else None,
-            "seed": recipe.seed, "dtype": recipe.training_dtype()}
+            "seed": recipe.seed, "dtype": recipe.training_dtype(),
+            # only when it differs, so results saved in the training dtype keep their keys
+            **({"saved_dtype": recipe.saved_dtype()}
+               if recipe.saved_dtype() != recipe.training_dtype() else {})}
 
 
 def _cpt_variants(recipe: Recipe) -> list[tuple[str, Recipe]]:
@@ -140,45 +144,133 @@ def build_plan(recipe: Recipe) -> dict[str, Node]:
     return nodes
 
 
+def node_dir(node: Node, root: Path) -> Path:
+    """A stage's or merge's directory, named by the node's key."""
+    return root / ("merges" if node.kind == "merge" else "stages") / f"{node.name}-{node.key}"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def plan_actions(nodes: dict[str, Node], recipe: Recipe, root: Path) -> None:
+    """Set each node's `action`: "cached" (its finished result is on disk), "resume from
+    checkpoint-N", "train", "merge", or "model" (a starting model); evaluated nodes add
+    ", eval cached" or ", evaluate"."""
+    from dafast.stages import base
+
+    for node in nodes.values():
+        if node.kind == "model":
+            node.action = "model"
+        elif node.kind == "merge":
+            node.action = "cached" if (node_dir(node, root) / MERGE_DONE).is_file() else "merge"
+        elif base.is_complete(node_dir(node, root)):
+            node.action = "cached"
+        else:
+            checkpoint = base.last_checkpoint(node_dir(node, root))
+            node.action = f"resume from {Path(checkpoint).name}" if checkpoint else "train"
+        if node.evaluate and recipe.eval is not None:
+            node.action += ", eval cached" if _eval_path(node, recipe, root).is_file() \
+                else ", evaluate"
+
+
 def _run_node(node: Node, nodes: dict[str, Node], recipe: Recipe, root: Path) -> Path:
     if node.kind == "model":
         return node.source
+    out = node_dir(node, root)
     if node.kind == "merge":
         trained, instruct = (nodes[p].model_dir for p in node.parents)
-        out = root / "merges" / f"{node.name}-{node.key}"
         if not (out / MERGE_DONE).is_file():
             from dafast.merge import slerp_merge
 
             if out.exists():  # merges are renamed into place: no marker means a stale result
                 shutil.rmtree(out)
+            started = time.time()
             stats = slerp_merge(instruct, trained, out, t=node.merge_t, dtype=recipe.merge.dtype)
+            stats["seconds"] = time.time() - started  # kept, so a rerun's report has it
             (out / MERGE_DONE).write_text(json.dumps(stats, default=str))
+        _record_time(node, "merge", _read_json(out / MERGE_DONE))
         return out
     from dafast.stages import run_stage
 
     parent = nodes[node.parents[0]]
-    return run_stage(node.kind, node.recipe, parent.model_dir, root / "stages" / f"{node.name}-{node.key}")
+    model_dir = run_stage(node.kind, node.recipe, parent.model_dir, out)
+    result = _read_json(out / "result.json")
+    _record_time(node, "training", result)
+    if not node.action.startswith("cached"):
+        loss = f"loss {result.get('first_loss') or float('nan'):.4g} -> " \
+               f"{result.get('final_loss') or float('nan'):.4g}"
+        log.info("%s (%s): trained %s steps, %s tokens, %s, %.1f s", node.name, node.kind,
+                 result.get("steps"), result.get("tokens"), loss, result.get("seconds", 0.0))
+    return model_dir
 
 
-def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
-    """The node's benchmark summary, cached per node key and eval settings."""
-    from dafast.eval.runner import default_device, evaluate_dir
+def _record_time(node: Node, what: str, record: dict) -> None:
+    """The seconds a result recorded when it was made (results older than that record have no
+    time, and get no row rather than a false one)."""
+    if "seconds" in record:
+        node.times[what] = record["seconds"]
+
+
+def _link(root: Path, node: Node) -> None:
+    """OUTPUT_DIR/models/<node name> -> the node's model: a stable name for the latest result
+    (the directories themselves are named by key). Relative inside OUTPUT_DIR, so a copied run
+    keeps working; absolute for a starting model elsewhere."""
+    links = (root / "models").absolute()
+    links.mkdir(parents=True, exist_ok=True)
+    link, model = links / node.name, Path(node.model_dir).absolute()
+    inside = model.is_relative_to(root.absolute())
+    target = os.path.relpath(model, links) if inside else str(model)
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    if link.exists() and not link.is_symlink():
+        log.warning("%s is not a link dafast made; left as it is", link)
+        return
+    tmp = links / f".{node.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    tmp.replace(link)
+
+
+def _eval_path(node: Node, recipe: Recipe, root: Path) -> Path:
+    """The cached summary's path: by node key and eval settings."""
+    from dafast.eval.runner import default_device
 
     settings = recipe.eval
     # The device decides the eval dtype too (bf16 on a GPU, fp32 on the CPU).
     key = _hash(node.key, settings.model_dump(), _data_identity(settings.bench, "eval"),
                 default_device())
-    path = root / "eval" / f"{node.name}-{key}.json"
+    return root / "eval" / f"{node.name}-{key}.json"
+
+
+def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
+    """The node's benchmark summary, cached per node key and eval settings."""
+    from dafast.eval.runner import evaluate_dir
+
+    settings = recipe.eval
+    path = _eval_path(node, recipe, root)
     if path.is_file():
         return json.loads(path.read_text())
+    started = time.time()
     result = evaluate_dir(node.model_dir, settings.bench, batch_size=settings.batch_size,
                           loglik=settings.loglik, limit=settings.limit)
-    payload = {"summary": result.summary, "records": [r.__dict__ for r in result.records]}
+    payload = {"summary": result.summary, "records": [r.__dict__ for r in result.records],
+               "seconds": time.time() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return payload
+
+
+def _accuracy_line(summary: dict) -> str:
+    parts = [f"{column} {summary[column]['overall']:.3f}" for column in ("generation", "loglik")
+             if summary.get(column) and summary[column].get("overall") is not None]
+    questions = (summary.get("n") or {}).get("overall")
+    return ", ".join(parts) + (f" on {questions} questions" if questions else "")
 
 
 def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
@@ -188,6 +280,7 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
     main_process = is_main_process()
     root = Path(recipe.output_dir)
     nodes = build_plan(recipe)
+    plan_actions(nodes, recipe, root)
     if only_plan:
         return nodes
     for node in nodes.values():
@@ -198,15 +291,18 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
         if node.kind == "merge" and not main_process:
             node.status = "done"
             continue
-        started = time.time()
         try:
-            log.info("node %s (%s)", node.name, node.kind)
+            if node.kind != "model":
+                log.info("%s (%s): %s", node.name, node.kind, node.action.split(",")[0])
             node.model_dir = _run_node(node, nodes, recipe, root)
             node.status = "done"
+            if main_process:
+                _link(root, node)
+            if node.kind == "merge" and not node.action.startswith("cached"):
+                log.info("%s (merge): merged in %.1f s", node.name, node.times.get("merge", 0.0))
         except Exception as e:  # one failing node fails only its descendants
             node.status, node.error = "failed", f"{type(e).__name__}: {e}"
             log.error("node %s failed:\n%s", node.name, traceback.format_exc())
-        node.seconds = time.time() - started
     if main_process and recipe.eval is not None:
         for node in nodes.values():
             if not node.evaluate or node.status != "done":
@@ -217,13 +313,16 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
             if node.kind == "merge" and unevaluated:
                 node.status, node.error = "skipped", f"{unevaluated[0]} was not evaluated"
             else:
-                started = time.time()
                 try:
-                    node.summary = _evaluate(node, recipe, root)["summary"]
+                    payload = _evaluate(node, recipe, root)
+                    node.summary = payload["summary"]
+                    _record_time(node, "evaluation", payload)
+                    cached = "(cached) " if node.action.endswith("eval cached") else ""
+                    log.info("%s: evaluated %s%s, %.1f s", node.name, cached,
+                             _accuracy_line(node.summary), payload.get("seconds", 0.0))
                 except Exception as e:
                     node.status, node.error = "failed", f"evaluation: {type(e).__name__}: {e}"
                     log.error("evaluating %s failed:\n%s", node.name, traceback.format_exc())
-                node.seconds += time.time() - started
         write_report(recipe, nodes, root)
     return nodes
 
@@ -253,12 +352,18 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def timings(nodes: dict[str, Node]) -> dict[str, float]:
+    """"NODE: what" -> seconds, as recorded when the work was done (a rerun that reuses a node
+    reports the time it took then)."""
+    return {f"{n.name}: {what}": seconds for n in nodes.values() for what, seconds in n.times.items()}
+
+
 def write_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
     from dafast.eval.report import write_report as write
 
     rows = [{"variant": n.name, "parents": n.parents if n.kind == "merge" else [],
              "summary": n.summary} for n in nodes.values() if n.evaluate and n.summary]
     return write(root / "report", rows, loss_curves=loss_curves(nodes), config=recipe.model_dump(),
-                 timings={n.name: n.seconds for n in nodes.values()}, machine=machine(),
+                 timings=timings(nodes), machine=machine(),
                  instruct="instruct",
                  failures={n.name: n.error for n in nodes.values() if n.error})

@@ -108,7 +108,8 @@ class SweepSettings(Settings):
 
 
 class EvalSettings(Settings):
-    bench: str = Field("builtin:biomat", description="benchmark JSON Lines (DESIGN.md format)")
+    bench: str = Field("builtin:biomat", description="benchmark JSON Lines (the format of "
+                       "docs/design.md, 'Data formats')")
     batch_size: int = Field(16, ge=1, description="questions per batch")
     loglik: bool = Field(True, description="also score each option by log-likelihood")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N questions")
@@ -137,6 +138,12 @@ class Recipe(Settings):
                                                          "allocator for tensors of 1 MiB or more "
                                                          "(dafast.memory: peak RSS follows what "
                                                          "the tensors hold), or torch's own")
+    save_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="dtype of "
+                                                               "the stage models written to "
+                                                               "disk (auto: the training dtype); "
+                                                               "bfloat16 halves their size, and "
+                                                               "the next stage trains on the "
+                                                               "rounded weights")
     kernels: Literal["auto", "native", "reference"] = Field("auto", description="dafast "
                                                              "kernels, or the PyTorch references")
     pipelines: list[str] = Field(["cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo"],
@@ -155,6 +162,11 @@ class Recipe(Settings):
     logging_steps: int = Field(1, ge=1, description="log metrics every N steps")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (runs resume from it)")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs tensorboard)")
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _one_pipeline(cls, pipelines: Any) -> Any:
+        return [pipelines] if isinstance(pipelines, str) else pipelines  # pipelines=cpt-sft
 
     @field_validator("pipelines")
     @classmethod
@@ -176,6 +188,10 @@ class Recipe(Settings):
         import torch
 
         return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    def saved_dtype(self) -> str:
+        """`save_dtype` resolved: auto keeps the training dtype."""
+        return self.training_dtype() if self.save_dtype == "auto" else self.save_dtype
 
 
 class RecipeError(ValueError):
@@ -204,7 +220,8 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe (None: the bundled default), apply overrides, validate."""
+    """Read a recipe (None: the bundled default), apply overrides, validate. An invalid field
+    is blamed on the override that set it, else on the file."""
     source = Path(path) if path is not None else builtin_recipe()
     try:
         data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
@@ -212,27 +229,43 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raise RecipeError(f"{source}: cannot read the recipe: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    by_key = {}
     for assignment in overrides:
         apply_override(data, assignment)
+        by_key[tuple(assignment.partition("=")[0].strip().split("."))] = assignment
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        problems = "\n".join(f"  {'.'.join(map(str, err['loc'])) or '(recipe)'}: {err['msg']}"
-                             for err in e.errors())
-        raise RecipeError(f"{source}: invalid recipe\n{problems}") from None
+        problems = []
+        for err in e.errors():
+            loc = tuple(map(str, err["loc"]))
+            # the longest override that set this field or a section above it
+            setter = next((by_key[k] for k in sorted(by_key, key=len, reverse=True)
+                           if loc[:len(k)] == k), None)
+            where = f"override {setter!r}" if setter else str(source)
+            problems.append(f"  {'.'.join(loc) or '(recipe)'}: {err['msg']} (from {where})")
+        origin = "the command-line overrides" if all("(from override" in p for p in problems) \
+            else str(source)
+        raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(problems)) from None
 
 
-def describe(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
-    """One line per field, `key (default): help`, nested sections indented by their dotted key."""
+def describe(model: type[BaseModel] = Recipe, prefix: str = "",
+             values: BaseModel | None = None) -> list[str]:
+    """One line per field, `key (value): help`, nested sections indented by their dotted key.
+    The values are those of `values` (a recipe: what a run would use), else the schema's
+    defaults."""
     lines = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         nested = next((t for t in getattr(annotation, "__args__", (annotation,))
                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
-        if nested is not None:
-            lines.append(f"  {prefix}{name}: {field.description}")
-            lines.extend(describe(nested, prefix=f"{prefix}{name}."))
+        value = (getattr(values, name) if values is not None
+                 else field.get_default(call_default_factory=True))
+        if nested is not None:  # a null section: its fields, were it set, at the schema's defaults
+            off = " (null: off)" if value is None else ""
+            lines.append(f"  {prefix}{name}{off}: {field.description}")
+            lines.extend(describe(nested, f"{prefix}{name}.",
+                                  value if isinstance(value, BaseModel) else None))
             continue
-        default = field.get_default(call_default_factory=True)
-        lines.append(f"  {prefix}{name} ({default!r}): {field.description}")
+        lines.append(f"  {prefix}{name} ({value!r}): {field.description}")
     return lines

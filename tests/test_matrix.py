@@ -10,7 +10,11 @@ Tests that rerun the matrix work on a copy of the shared run's output directory.
 
 import csv
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +52,7 @@ def first_run(tiny_model, tmp_path_factory):
 def copy_of(first_run, tmp_path: Path, **changes) -> Recipe:
     """The shared run's recipe (with `changes`) writing to a copy of its output directory."""
     recipe, _ = first_run
-    shutil.copytree(recipe.output_dir, tmp_path / "run")
+    shutil.copytree(recipe.output_dir, tmp_path / "run", symlinks=True)  # models/ are links
     return with_changes(recipe, output_dir=str(tmp_path / "run"), **changes)
 
 
@@ -139,6 +143,14 @@ def test_rerun_reuses_every_node_and_a_changed_setting_recomputes_only_its_desce
     assert {n: node.summary for n, node in nodes.items()} == {
         n: node.summary for n, node in first_run[1].items()}
     assert report_rows(root) == report_rows(Path(first_run[0].output_dir))
+    times = json.loads((root / "report" / "report.json").read_text())["timings"]
+    first_times = json.loads((Path(first_run[0].output_dir) / "report" / "report.json")
+                             .read_text())["timings"]
+    assert times == first_times  # the times of the work, not of the rerun that reused it
+    assert sorted(times) == sorted(["cpt: training", "cpt-sft: training", "cpt-slerp: merge",
+                                    "cpt-sft-slerp: merge", *(f"{n}: evaluation" for n in PLAN)])
+    assert times["cpt: training"] > 0 and times["cpt-sft: training"] > 0
+    assert "| cpt-sft: training | " in (root / "report" / "report.md").read_text()
 
     changed = matrix.run(with_changes(recipe, sft=dict(learning_rate=1e-3)))
     assert {n: node.status for n, node in changed.items()} == dict.fromkeys(PLAN, "done")
@@ -194,6 +206,9 @@ def test_interrupted_stage_resumes_and_an_unmarked_merge_is_redone(first_run, tm
     assert nodes["cpt-sft-slerp"].status == "skipped" and nodes["cpt-slerp"].status == "done"
     assert not base.is_complete(stage_dir) and len(losses(stage_dir)) == 3
     assert Path(base.last_checkpoint(stage_dir)).name == "checkpoint-2"
+    actions = {n: node.action for n, node in matrix.run(recipe, only_plan=True).items()}
+    assert actions["cpt-sft"] == "resume from checkpoint-2, evaluate"
+    assert actions["cpt"] == "cached, eval cached" and actions["cpt-sft-slerp"] == "merge, evaluate"
     unmarked = root / "merges" / f"cpt-sft-slerp-{plan['cpt-sft-slerp'].key}"
     unmarked.mkdir(parents=True)  # a merge directory without merge.json: stopped before its marker
     (unmarked / "model.safetensors").write_bytes(b"truncated")
@@ -303,3 +318,44 @@ def test_the_sweeps_recipe_reuses_the_default_runs_nodes():
     for name in ("instruct", "cpt", "cpt-sft", "cpt-slerp", "cpt-sft-slerp"):
         assert sweeps[name].key == default[name].key
     assert {n.rsplit("_", 1)[1] for n in sweeps if "-slerp_" in n} == {"uniform", "swapped", "light"}
+
+
+def test_plan_on_a_finished_run_reports_every_node_cached(first_run, tmp_path, capsys, caplog):
+    recipe = copy_of(first_run, tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    assert train.main([str(path), "--plan"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == PLAN
+    for line in lines:
+        name, kind, *action = line.split()
+        assert " ".join(action) == ("model, eval cached" if kind == "model" else
+                                    "cached, eval cached"), line
+    caplog.set_level(logging.INFO, logger="dafast.matrix")
+    assert train.main([str(path)]) == 0  # the rerun's log says so too
+    assert "cpt (cpt): cached" in caplog.text and "cpt-sft-slerp (merge): cached" in caplog.text
+    assert "trained" not in caplog.text and "cpt-sft: evaluated (cached)" in caplog.text
+
+
+def test_the_readmes_merge_example_runs_on_the_main_jobs_output(first_run, tmp_path):
+    """The README's merge command, as written, from a directory holding the main job's
+    runs/default (here the tiny run's), merges its CPT-SFT model with its instruct model."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command = next(line.split("#")[0].split() for line in readme.splitlines()
+                   if line.startswith("python -m dafast.merge "))
+    assert command[:3] == ["python", "-m", "dafast.merge"]
+    shutil.copytree(first_run[0].output_dir, tmp_path / "runs" / "default", symlinks=True)
+    config = Path(dafast.merge.__file__).parents[1] / "recipes" / "merge-slerp-paper.yml"
+    assert command[3] == "dafast/recipes/merge-slerp-paper.yml"
+    (tmp_path / "dafast" / "recipes").mkdir(parents=True)
+    shutil.copy(config, tmp_path / command[3])  # as in a clone, the command's path relative
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # this checkout's dafast
+    result = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / command[4]
+    assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model.config.num_hidden_layers == 2  # the tiny model, not the embedded default

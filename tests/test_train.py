@@ -4,6 +4,7 @@ accumulation, two processes, the DPO reference, recipe and data errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,50 @@ def test_stage_trains_and_writes_outputs(kind, tiny_model, tmp_path):
     (stage_dir / "metrics.jsonl").unlink()
     assert run_stage(kind, recipe, tiny_model, stage_dir) == model_dir
     assert not (stage_dir / "metrics.jsonl").exists()
+
+
+def test_outputs_load_anywhere_with_the_kv_cache_on(tiny_model, tmp_path, monkeypatch, capsys):
+    """A stage run from relative paths writes an adapter that loads from another working
+    directory (its base recorded as an absolute path), and configs with use_cache true. The
+    console gets a progress bar, not the per-step records."""
+    from peft import AutoPeftModelForCausalLM
+
+    shutil.copytree(tiny_model, tmp_path / "start")
+    recipe = recipe_for(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_stage("sft", recipe, Path("start"), Path("run/sft"))
+    assert "'loss'" not in capsys.readouterr().out and losses(Path("run/sft"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    adapter = tmp_path / "run" / "sft" / "adapter"
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path) == tmp_path / "start"
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    assert model.peft_config["default"].r == recipe.lora.r
+    config = json.loads((tmp_path / "run" / "sft" / "model" / "config.json").read_text())
+    assert config["use_cache"] is True
+
+
+def test_save_dtype_bfloat16_halves_the_stage_models_and_the_next_stage_trains(tiny_model, tmp_path):
+    from dafast import matrix
+
+    recipe = recipe_for(tmp_path, save_dtype="bfloat16")
+    cpt = run_stage("cpt", recipe, tiny_model, tmp_path / "cpt")
+    weights = load_file(cpt / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    full = load_file(tiny_model / "model.safetensors")
+    assert sum(t.nbytes for t in weights.values()) * 2 == sum(t.nbytes for t in full.values())
+    sft = run_stage("sft", recipe, cpt, tmp_path / "sft")
+    assert len(losses(sft.parent)) == STEPS
+    assert {t.dtype for t in load_file(sft / "model.safetensors").values()} == {torch.bfloat16}
+    # rounded weights are another result; saving in the training dtype keeps the old keys
+    keys = {dtype: matrix.build_plan(recipe_for(tmp_path, model=str(tiny_model),
+                                                save_dtype=dtype))["cpt"].key
+            for dtype in ("auto", "float32", "bfloat16")}
+    trained = recipe.training_dtype()  # float32 on the CPU, bfloat16 on a GPU
+    other = "float32" if trained == "bfloat16" else "bfloat16"
+    assert keys["auto"] == keys[trained] != keys[other]
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])

@@ -1,6 +1,6 @@
 """The domain benchmark: JSON Lines rows, validated in full before any model runs.
 
-One row per line (the format of DESIGN.md, "Data formats"):
+One row per line (the format of docs/design.md, "Data formats"):
 
     {"id": "q-001", "type": "mc", "category": "basic", "corpus_only": true,
      "question": "Which ...?\\nA. ...\\nB. ...\\nC. ...\\nD. ...", "answer": "B"}

@@ -37,6 +37,7 @@ def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
                                    base.trainer_arguments(recipe, settings, stage_dir),
                                    base.peft_config(recipe),
                                    [base.MetricsLog(stage_dir / "metrics.jsonl")])
+    base.quiet_console(trainer)
     with dafast.memory.caching_cpu_allocator(recipe.cpu_allocator == "caching"):
         base.train(trainer, stage_dir)
     return base.finish(trainer, tokenizer, recipe, settings, stage_dir, kind, started)

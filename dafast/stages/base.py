@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 import dafast.fused_head
 import dafast.lora
@@ -44,7 +46,10 @@ def training_dtype(recipe: Recipe) -> torch.dtype:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):
-    """An HF causal LM from a local directory: safetensors only, no remote code."""
+    """An HF causal LM from a local directory: safetensors only, no remote code. The path is made
+    absolute first: PEFT writes it into the adapter as base_model_name_or_path, which must load
+    from any working directory."""
+    model_dir = Path(model_dir).absolute()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
@@ -121,6 +126,28 @@ class MetricsLog(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+class StageProgress(ProgressCallback):
+    """transformers' progress bar, with the latest loss on the bar instead of every log record
+    printed under it (those go to metrics.jsonl)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs \
+                and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
+def quiet_console(trainer) -> None:
+    """The trainer shows a progress bar, not one dict per step."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(StageProgress())
+
+
+# PEFT and TRL read transformers' deprecated `is_gradient_checkpointing` while a trainer sets
+# up, once per stage; nothing a user can change, so it is not shown.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                        category=FutureWarning)
+
+
 def last_checkpoint(stage_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -154,6 +181,9 @@ def finish(trainer, tokenizer, recipe: Recipe, settings: StageSettings, stage_di
             dafast.lora.unpatch(model)
             model.save_pretrained(partial / "adapter")
             model = model.merge_and_unload()
+        model = model.to(getattr(torch, recipe.saved_dtype()))
+        # Training turns the KV cache off; a saved model is for generation too.
+        model.config.use_cache = True
         model.save_pretrained(partial / "model", safe_serialization=True)
         tokenizer.save_pretrained(partial / "model")
         (partial / "config.yaml").write_text(yaml.safe_dump(
