@@ -18,9 +18,12 @@ renders a conversation's prefix as a prefix (TRL needs `{% generation %}` marker
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import os
+import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,8 @@ IGNORE_INDEX = -100
 BUILTIN_FILES = {"cpt": "corpus", "sft": "sft", "dpo": "preferences", "orpo": "preferences",
                  "eval": "benchmark"}
 ROLES = ("system", "user", "assistant")
+# A sentence ends at . ! or ? followed by white space and a capital letter or digit.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
 
 class DataError(ValueError):
@@ -154,6 +159,51 @@ def pack_corpus(texts: list[str], tokenizer, seq_len: int) -> list[list[int]]:
         stream.append(eos)
     body = seq_len - 1
     return [[bos] + stream[i:i + body] for i in range(0, len(stream), body)]
+
+
+def _reordered(text: str, unit: str, rng: random.Random) -> str:
+    """``text`` with its paragraphs, or the sentences within each paragraph, shuffled."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if unit == "paragraphs":
+        rng.shuffle(paragraphs)
+        return "\n\n".join(paragraphs)
+    shuffled = []
+    for paragraph in paragraphs:
+        sentences = _SENTENCE_END.split(paragraph)
+        rng.shuffle(sentences)
+        shuffled.append(" ".join(sentences))
+    return "\n\n".join(shuffled)
+
+
+def cpt_texts(documents: list[str], *, variants: int = 0, reorder: str = "paragraphs",
+              conversations: list[str] = ()) -> list[str]:
+    """The CPT corpus as packed: every document, ``variants`` re-ordered copies of each (see
+    :func:`_reordered`), and the rendered ``conversations``, in one shuffled order so a packed
+    chunk mixes documents and forms. Seeded by the texts themselves: the same corpus and
+    settings always give the same texts."""
+    texts = list(documents)
+    for document in documents:
+        rng = random.Random(hashlib.sha256(document.encode("utf-8")).digest())
+        texts.extend(_reordered(document, reorder, rng) for _ in range(variants))
+    texts.extend(conversations)
+    if variants or conversations:
+        random.Random(len(texts)).shuffle(texts)
+    return texts
+
+
+def rendered_conversations(rows: list[dict], share: float, tokenizer) -> list[str]:
+    """The first ``share`` of SFT rows (in file order) as text in the tokenizer's chat template
+    (plain "role: content" lines without one): question-answer data for the CPT corpus."""
+    count = round(share * len(rows))
+    texts = []
+    for row in rows[:count]:
+        messages = row["messages"] if "messages" in row else (
+            _as_messages(row["prompt"], "user") + _as_messages(row["completion"], "assistant"))
+        if getattr(tokenizer, "chat_template", None):
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+    return texts
 
 
 def _as_messages(value, role: str) -> list[dict]:

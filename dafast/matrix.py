@@ -84,10 +84,13 @@ def _model_identity(path: Path) -> dict:
 def _training_identity(recipe: Recipe, kind: str) -> dict:
     """What a stage's result depends on (not: kernels, logging, checkpoint frequency)."""
     settings = recipe.stage(kind)
-    return {"settings": settings.model_dump(exclude={"data"}),  # the data by contents instead
-            "data": _data_identity(settings.data, kind),
-            "finetune": recipe.finetune,
-            "lora": recipe.lora.model_dump() if recipe.finetune == "lora" else None,
+    finetune = recipe.stage_finetune(kind)
+    mixed = getattr(settings, "mix_sft", 0) > 0  # CPT with conversations mixed in
+    return {"settings": settings.model_dump(exclude={"data", "finetune", "sft_data"}),
+            "data": _data_identity(settings.data, kind),  # the data by contents
+            **({"sft_data": _data_identity(settings.sft_data, "sft")} if mixed else {}),
+            "finetune": finetune,
+            "lora": recipe.lora.model_dump() if finetune == "lora" else None,
             "seed": recipe.seed, "dtype": recipe.training_dtype(),
             # only when it differs, so results saved in the training dtype keep their keys
             **({"saved_dtype": recipe.saved_dtype()}

@@ -48,10 +48,27 @@ class StageSettings(Settings):
                             "length, BOS included)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
+    finetune: Literal["lora", "full"] | None = Field(None, description="this stage's fine-tuning, "
+                                                     "overriding the recipe's `finetune` (e.g. "
+                                                     "full CPT, then LoRA SFT); null: the "
+                                                     "recipe's")
 
     def sampling_strategy(self) -> str:
         """transformers' train_sampling_strategy for the stage."""
         return "random"
+
+
+class CPTSettings(StageSettings):
+    variants: int = Field(0, ge=0, description="extra copies of every document, each with its "
+                          "paragraphs (or its sentences within each paragraph, see `reorder`) "
+                          "in a new seeded order: the same facts in varied contexts, which is "
+                          "what makes facts learned from documents answerable as questions")
+    reorder: Literal["paragraphs", "sentences"] = Field("paragraphs", description="what a "
+                                                        "variant re-orders")
+    mix_sft: float = Field(0.0, ge=0, le=1, description="share of the SFT conversations "
+                           "(`sft_data`) added to the corpus as text in the chat template")
+    sft_data: str = Field("builtin:biomat", description="the conversations `mix_sft` draws from "
+                          "(a JSON Lines file or builtin:NAME)")
 
 
 class SFTSettings(StageSettings):
@@ -148,7 +165,7 @@ class Recipe(Settings):
                                                              "kernels, or the PyTorch references")
     pipelines: list[str] = Field(["cpt", "cpt-sft", "cpt-sft-dpo", "cpt-sft-orpo"],
                                  description="stage chains to train, stages joined by '-'")
-    cpt: StageSettings = Field(default_factory=lambda: StageSettings(data="builtin:biomat"),
+    cpt: CPTSettings = Field(default_factory=CPTSettings,
                                description="continued pretraining on raw text")
     sft: SFTSettings = Field(default_factory=SFTSettings, description="supervised fine-tuning")
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="DPO")
@@ -180,6 +197,10 @@ class Recipe(Settings):
 
     def stage(self, kind: str) -> StageSettings:
         return getattr(self, kind)
+
+    def stage_finetune(self, kind: str) -> str:
+        """How stage `kind` fine-tunes: its own `finetune`, else the recipe's."""
+        return self.stage(kind).finetune or self.finetune
 
     def training_dtype(self) -> str:
         """`dtype` resolved: auto is bfloat16 where there is a GPU, float32 on the CPU."""

@@ -35,7 +35,7 @@ def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
     dataset = module.build_dataset(kind, settings, tokenizer)  # validates every row first
     trainer = module.build_trainer(kind, settings, model, tokenizer, dataset,
                                    base.trainer_arguments(recipe, settings, stage_dir),
-                                   base.peft_config(recipe),
+                                   base.peft_config(recipe, kind),
                                    [base.MetricsLog(stage_dir / "metrics.jsonl")])
     base.quiet_console(trainer)
     with dafast.memory.caching_cpu_allocator(recipe.cpu_allocator == "caching"):

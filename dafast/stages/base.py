@@ -58,8 +58,8 @@ def load_model(model_dir: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def peft_config(recipe: Recipe):
-    if recipe.finetune != "lora":
+def peft_config(recipe: Recipe, kind: str):
+    if recipe.stage_finetune(kind) != "lora":
         return None
     from peft import LoraConfig
 
@@ -177,7 +177,7 @@ def finish(trainer, tokenizer, recipe: Recipe, settings: StageSettings, stage_di
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         dafast.mlp.unpatch(model)
-        if recipe.finetune == "lora":
+        if recipe.stage_finetune(kind) == "lora":
             dafast.lora.unpatch(model)
             model.save_pretrained(partial / "adapter")
             model = model.merge_and_unload()
