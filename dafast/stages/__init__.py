@@ -36,7 +36,8 @@ def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
     trainer = module.build_trainer(kind, settings, model, tokenizer, dataset,
                                    base.trainer_arguments(recipe, settings, stage_dir),
                                    base.peft_config(recipe),
-                                   [base.MetricsLog(stage_dir / "metrics.jsonl")])
+                                   [base.MetricsLog(stage_dir / "metrics.jsonl"),
+                                    base.CheckpointMarker()])
     with dafast.memory.caching_cpu_allocator(recipe.cpu_allocator == "caching"):
         base.train(trainer, stage_dir)
     return base.finish(trainer, tokenizer, recipe, settings, stage_dir, kind, started)
