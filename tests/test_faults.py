@@ -113,3 +113,37 @@ def test_killed_after_the_final_checkpoint_takes_no_extra_step(limit, tiny_model
     steps = json.loads((tmp_path / "resumed" / "result.json").read_text())["steps"]
     assert steps == json.loads((tmp_path / "whole" / "result.json").read_text())["steps"]
     assert_same_as_whole(tmp_path / "resumed", tmp_path / "whole")
+
+
+def test_a_second_run_on_one_output_dir_is_refused(tiny_model, tmp_path, capsys):
+    """The first run holds OUTPUT_DIR/.dafast.lock; a second is refused naming it, and a kill -9
+    of the first releases the lock."""
+    from dafast import train
+    from dafast.runlock import run_lock
+
+    out = tmp_path / "run"
+    script = ("import sys, time\nfrom pathlib import Path\nfrom dafast.runlock import run_lock\n"
+              "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    first = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE,
+                             text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert first.stdout.readline().strip() == "held"
+        code = train.main([f"model={tiny_model}", f"output_dir={out}", "pipelines=[sft]",
+                           "merge=null", "eval=null", "sft.max_steps=1"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (pid {first.pid} on " in err and "started 20" in err
+        assert not (out / "stages").exists()  # refused before any work
+    finally:
+        first.kill()
+        first.wait()
+    with run_lock(out):  # released by the kernel with the killed process
+        pass
+
+
+@pytest.mark.slow
+def test_kill9_at_a_random_point_then_rerun_equals_uninterrupted(tmp_path):
+    """tests/kill9_stage.py: SIGKILL at a random moment of a real `python -m dafast.train`."""
+    import kill9_stage
+
+    assert kill9_stage.main(["--kills", "1", "--workdir", str(tmp_path)]) == 0
