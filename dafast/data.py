@@ -63,8 +63,13 @@ def resolve_source(source: str | os.PathLike, kind: str) -> Path:
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; DataError on bad JSON or a non-object."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                f"column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -17,6 +17,7 @@ fails only its descendants; everything else still runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from dafast.models import resolve_model
 from dafast.recipe import Recipe
+from dafast.runlock import run_lock
 
 log = logging.getLogger("dafast.matrix")
 MERGE_DONE = "merge.json"
@@ -286,6 +288,14 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
     plan_actions(nodes, recipe, root)
     if only_plan:
         return nodes
+    # One run per output directory (the main process holds the lock; the other processes of a
+    # distributed run are its own). RunLocked names the holder.
+    with run_lock(root) if main_process else contextlib.nullcontext():
+        _run_nodes(recipe, nodes, root, main_process)
+    return nodes
+
+
+def _run_nodes(recipe: Recipe, nodes: dict[str, Node], root: Path, main_process: bool) -> None:
     for node in nodes.values():
         failed = [p for p in node.parents if nodes[p].status != "done"]
         if failed:
@@ -327,7 +337,6 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
                     node.status, node.error = "failed", f"evaluation: {type(e).__name__}: {e}"
                     log.error("evaluating %s failed:\n%s", node.name, traceback.format_exc())
         write_report(recipe, nodes, root)
-    return nodes
 
 
 def is_main_process() -> bool:

@@ -41,7 +41,8 @@ class StageSettings(Settings):
     max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: epochs decide)")
     learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps warming up")
+    # below 1: transformers reads a warmup_steps of 1 or more as a step count
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps warming up")
     batch_size: int = Field(4, ge=1, description="sequences (DPO/ORPO: pairs) per device per step")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimiser step")
     max_length: int = Field(512, ge=8, description="tokens per sequence (CPT: the packed chunk "
@@ -188,6 +189,8 @@ class Recipe(Settings):
     @field_validator("pipelines")
     @classmethod
     def _known_stages(cls, pipelines: list[str]) -> list[str]:
+        if not pipelines:
+            raise ValueError("no pipelines: name at least one stage chain, e.g. [cpt-sft]")
         for pipeline in pipelines:
             for stage in pipeline.split("-"):
                 if stage not in STAGES:
@@ -246,7 +249,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] = ()
     source = Path(path) if path is not None else builtin_recipe()
     try:
         data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise RecipeError(f"{source}: cannot read the recipe: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")

@@ -72,12 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     import dafast
     from dafast import matrix
 
+    from dafast.runlock import RunLocked
+
     # Loading and writing bars for every model and dataset would bury the training bar.
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
-    with dafast.kernels(recipe.kernels):
-        nodes = matrix.run(recipe, only_plan=args.plan)
+    try:
+        with dafast.kernels(recipe.kernels):
+            nodes = matrix.run(recipe, only_plan=args.plan)
+    except (RunLocked, OSError) as e:  # a missing model, a busy or unwritable output_dir
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     failed = any(n.status in ("failed", "skipped") for n in nodes.values())
     if not matrix.is_main_process():
         return 1 if failed else 0

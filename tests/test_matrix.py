@@ -76,9 +76,12 @@ def work(monkeypatch):
 
 
 def files(root: Path) -> dict[str, int]:
-    """Every file the nodes wrote (the report aside), with its modification time."""
+    """Every file the nodes wrote (the report and the run lock aside), with its modification
+    time."""
+    from dafast.runlock import LOCK_FILE
+
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and "report" not in p.relative_to(root).parts}
+            if p.is_file() and "report" not in p.relative_to(root).parts and p.name != LOCK_FILE}
 
 
 def report_rows(root: Path) -> dict[str, dict]:

@@ -154,6 +154,14 @@ def _bad_input_cases(tmp_path: Path):
         del t["model.layers.2.mlp.up_proj.weight"]
         save_file(t, d / "model.safetensors", metadata={"format": "pt"})
 
+    def add_extra(d):  # a tensor the base model lacks
+        t = load_file(d / "model.safetensors")
+        t["model.layers.2.mlp.extra.weight"] = torch.ones(3, dtype=torch.bfloat16)
+        save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+
+    def list_header(d):
+        (d / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")
+
     def reshape(d):
         t = load_file(d / "model.safetensors")
         t["model.norm.weight"] = torch.ones(65, dtype=torch.bfloat16)
@@ -184,7 +192,10 @@ def _bad_input_cases(tmp_path: Path):
 
     no_dtype = {k: v for k, v in ok.items() if k != "dtype"}
     return [
-        (variant("missing", drop), "tensor 'model.layers.2.mlp.up_proj.weight' is missing in"),
+        (variant("missing", drop), "missing lacks 1 tensor(s) the other model(s) have: model.layers.2.mlp.up_proj.weight"),
+        (variant("extra", add_extra), f"{a} lacks 1 tensor(s) the other model(s) have: "
+                                      "model.layers.2.mlp.extra.weight"),
+        (variant("list_header", list_header), "a JSON object is expected, got list"),
         (variant("shape", reshape), "tensor 'model.norm.weight': shape [65]"),
         ({**no_dtype, "models": variant("fp16", to_fp16)["models"]}, "set `dtype:` in the config"),
         (variant("truncated", truncate), "truncated: tensor"),

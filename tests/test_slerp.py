@@ -89,6 +89,24 @@ def test_tiny_vectors(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16 tops out at 65504
+@pytest.mark.parametrize("scale", [1e20, 1e30, 1e37])
+def test_huge_finite_inputs_do_not_overflow(device, dtype, scale):
+    """Squares of values above ~1.8e19 overflow fp32: the sums must not (CPU: double lanes,
+    CUDA: a scaled accumulation), and neither must the reference's norms."""
+    a, b = pair((1 << 16) + 5, dtype, device)
+    a, b = (a.float() * scale).to(dtype), (b.float() * scale).to(dtype)
+    torch.testing.assert_close(slerp_sums(a, b), slerp_sums_reference(a, b), rtol=1e-5, atol=0)
+    exact = golden(a.cpu(), b.cpu(), 0.3)
+    for mode in ("native", "reference"):
+        with dafast.kernels(mode):
+            out = slerp(a, b, 0.3)
+        assert torch.isfinite(out).all(), mode
+        err = (out.cpu().double() - exact).abs().max().item()
+        assert err <= 1e-2 * exact.abs().max().item(), (mode, err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_non_contiguous_inputs(device, dtype):
     a = torch.randn(64, 130, device=device).to(dtype)[:, ::2]

@@ -1,7 +1,8 @@
 // CPU SLERP: one fused reduction pass (|a|^2, |b|^2, a.b) and one write pass, both split into
-// fixed blocks run by ATen's OpenMP pool. Each block accumulates in fp32 SIMD lanes and the
-// block sums are combined in double in block order, so the result does not depend on the
-// thread count. The inner loops are compiled twice (AVX2/FMA/F16C and baseline) and picked at
+// fixed blocks run by ATen's OpenMP pool. Each block accumulates in double SIMD lanes (a
+// square of an fp32 value above ~1.8e19 overflows fp32, not double; the pass is bound by
+// memory, not arithmetic) and the block sums are combined in double in block order, so the
+// result does not depend on the thread count. The inner loops are compiled twice (AVX2/FMA/F16C and baseline) and picked at
 // load time, so one build is fast on modern x86 and still runs everywhere.
 #include "cpu/kernels.h"
 
@@ -18,12 +19,12 @@ namespace dafast {
 namespace {
 
 template <typename T>
-DAFAST_MULTIVERSION void reduce_block(const T* a, const T* b, int64_t n, float* sums) {
-  float aa = 0.f, bb = 0.f, ab = 0.f;
+DAFAST_MULTIVERSION void reduce_block(const T* a, const T* b, int64_t n, double* sums) {
+  double aa = 0.0, bb = 0.0, ab = 0.0;
 #pragma omp simd reduction(+ : aa, bb, ab)
   for (int64_t i = 0; i < n; ++i) {
-    const float x = load(a[i]);
-    const float y = load(b[i]);
+    const double x = load(a[i]);
+    const double y = load(b[i]);
     aa += x * x;
     bb += y * y;
     ab += x * y;
@@ -40,14 +41,13 @@ DAFAST_MULTIVERSION void write_block(const T* a, const T* b, T* out, int64_t n, 
   for (int64_t i = 0; i < n; ++i) store(out + i, ca * load(a[i]) + cb * load(b[i]));
 }
 
-// 16 Ki elements: short enough that fp32 block sums stay accurate, long enough to amortise
-// the per-block work; also the parallel grain, so small tensors stay on one thread.
+// 16 Ki elements: long enough to amortise the per-block work; also the parallel grain, so small tensors stay on one thread.
 constexpr int64_t kBlock = 1 << 14;
 
 template <typename T>
 SlerpSums sums_typed(const T* a, const T* b, int64_t n) {
   const int64_t num_blocks = (n + kBlock - 1) / kBlock;
-  std::vector<float> partial(3 * num_blocks);
+  std::vector<double> partial(3 * num_blocks);
   at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t lo = blk * kBlock;

@@ -1,12 +1,15 @@
 // CUDA SLERP (see dafast/slerp.h for the math). Two launches on one stream, no host sync:
 //   1. slerp_reduce_kernel: each block folds |a|^2, |b|^2 and a.b over a grid-stride range
-//      in fp32 and stores its partial sums; the last block to finish adds the partials in
-//      block order in double (deterministic for a given grid) and writes the three sums.
+//      in fp32 (scaled against overflow, see ScaledSums) and stores its partial sums; the last
+//      block to finish adds the partials in block order in double (deterministic for a given
+//      grid) and writes the three sums.
 //   2. slerp_write_kernel: each block derives the coefficients from the sums, then
 //      out = ca * a + cb * b with 16-byte vector loads and stores.
 // Raw pointers and cudaStream_t only: nvcc compiles this file without torch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cfloat>
 
 #include "convert.cuh"
 #include "dafast/slerp_cuda.h"
@@ -32,6 +35,41 @@ __device__ Acc block_sum(Acc value, Acc* scratch) {
   return value;
 }
 
+// The squares of fp32 values above ~1.8e19 overflow fp32 (and double is slow on most GPUs), so
+// each thread accumulates (x * 2^-e)^2 with a power-of-two scale e that is raised only when a
+// value exceeds kScaleLimit: ordinary weights never pay more than a compare. Power-of-two
+// scaling is exact; values that underflow after a rescale are negligible next to the new
+// maximum. Non-finite values are not rescaled, so they still reach the sums (the NaN policy).
+constexpr float kScaleLimit = 0x1p40f;  // squares <= 2^80: room for 2^48 terms below FLT_MAX
+
+struct ScaledSums {
+  float aa = 0.f, bb = 0.f, ab = 0.f;
+  int e = 0;
+
+  __device__ void add(float x, float y) {
+    if (e != 0) {
+      x = ldexpf(x, -e);
+      y = ldexpf(y, -e);
+    }
+    const float m = fmaxf(fabsf(x), fabsf(y));
+    if (m > kScaleLimit && m <= FLT_MAX) {
+      int k;
+      frexpf(m, &k);  // m < 2^k: the rescaled values are below 1
+      e += k;
+      x = ldexpf(x, -k);
+      y = ldexpf(y, -k);
+      aa = ldexpf(aa, -2 * k);
+      bb = ldexpf(bb, -2 * k);
+      ab = ldexpf(ab, -2 * k);
+    }
+    aa = fmaf(x, x, aa);
+    bb = fmaf(y, y, bb);
+    ab = fmaf(x, y, ab);
+  }
+
+  __device__ double unscaled(float acc) const { return ldexp(static_cast<double>(acc), 2 * e); }
+};
+
 // Workspace layout: [3 * max_blocks doubles of partial sums][uint counter of finished blocks].
 struct Workspace {
   double* partial;
@@ -48,7 +86,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, Workspace ws,
                     double* __restrict__ sums_out) {
-  float aa = 0.f, bb = 0.f, ab = 0.f;
+  ScaledSums acc;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 
@@ -58,26 +96,16 @@ slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
     const Pack<T> pa = reinterpret_cast<const Pack<T>*>(a)[i];
     const Pack<T> pb = reinterpret_cast<const Pack<T>*>(b)[i];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float x = to_float(pa.v[j]), y = to_float(pb.v[j]);
-      aa = fmaf(x, x, aa);
-      bb = fmaf(y, y, bb);
-      ab = fmaf(x, y, ab);
-    }
+    for (int j = 0; j < V; ++j) acc.add(to_float(pa.v[j]), to_float(pb.v[j]));
   }
-  for (int64_t i = n_vec * V + first; i < n; i += stride) {
-    const float x = to_float(a[i]), y = to_float(b[i]);
-    aa = fmaf(x, x, aa);
-    bb = fmaf(y, y, bb);
-    ab = fmaf(x, y, ab);
-  }
+  for (int64_t i = n_vec * V + first; i < n; i += stride) acc.add(to_float(a[i]), to_float(b[i]));
 
-  __shared__ float scratch_f[kWarps];
+  // Threads hold different scales: the block adds their sums in double, unscaled.
   __shared__ double scratch_d[kWarps];
   __shared__ bool is_last_block;
-  aa = block_sum(aa, scratch_f);
-  bb = block_sum(bb, scratch_f);
-  ab = block_sum(ab, scratch_f);
+  const double aa = block_sum(acc.unscaled(acc.aa), scratch_d);
+  const double bb = block_sum(acc.unscaled(acc.bb), scratch_d);
+  const double ab = block_sum(acc.unscaled(acc.ab), scratch_d);
   if (threadIdx.x == 0) {
     ws.partial[3 * blockIdx.x + 0] = aa;
     ws.partial[3 * blockIdx.x + 1] = bb;

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_dir(args.model, args.bench, device=args.device, limit=args.limit,
                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                               loglik=not args.no_loglik)
-    except (BenchmarkError, FileNotFoundError, ValueError) as exc:
+    except (BenchmarkError, OSError, ValueError) as exc:  # OSError: unreadable model or file
         print(f"dafast.eval: error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
@@ -72,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                 **result.to_dict()}
         tmp = f"{args.out}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, args.out)  # never a half-written results file
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, args.out)  # never a half-written results file
+        except OSError as exc:
+            print(f"dafast.eval: error: cannot write {args.out}: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     return 0
 

@@ -165,8 +165,14 @@ def load_benchmark(path: str | os.PathLike) -> list[Question]:
     """
     spec = os.fspath(path)
     if not spec.startswith(BUILTIN_PREFIX) and os.path.exists(spec):
-        with open(spec, encoding="utf-8") as f:
-            return parse_benchmark(f.read(), spec)
+        with open(spec, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise BenchmarkError(f"{spec}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+        return parse_benchmark(text, spec)
 
     name = spec.removeprefix(BUILTIN_PREFIX)
     if name in builtin_names():

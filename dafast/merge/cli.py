@@ -33,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest output shard, e.g. 5GB or 500MB (default: 5GB)")
     parser.add_argument("--fsync", action="store_true",
                         help="wait until the output is on disk before renaming it into place")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="write merged tensors that came out with NaN or infinity (by "
+                             "default the merge refuses, naming them)")
     parser.add_argument("--chunk-elements", type=int, default=DEFAULT_CHUNK_ELEMENTS,
                         help="elements per streamed chunk; bounds memory (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         summary = merge(args.config, args.out_dir, overwrite=args.overwrite, device=args.device,
                         shard_bytes=args.shard_size, chunk_elements=args.chunk_elements,
-                        fsync=args.fsync)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+                        fsync=args.fsync, allow_nonfinite=args.allow_nonfinite)
+    except (ValueError, OSError) as exc:  # bad input, or a file that cannot be read or written
         print(f"dafast.merge: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

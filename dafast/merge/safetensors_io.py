@@ -73,6 +73,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header: a JSON object is expected, got "
+                         f"{type(header).__name__}")
     data_start = 8 + header_len
     entries = {}
     for name, info in header.items():
@@ -101,7 +104,9 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            if not isinstance(weight_map, dict):
+                raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{index}: corrupt index ({exc!r})") from None
         entries = {}
         for shard in sorted(set(weight_map.values())):

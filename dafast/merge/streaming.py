@@ -9,10 +9,10 @@ output chunks go through a small pool of buffers that the writer thread hands ba
 
 from __future__ import annotations
 
+import logging
 import queue
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ import yaml
 from dafast.merge.config import MergeConfig, lookup
 from dafast.merge.safetensors_io import MappedFiles, OutputTensor, ShardWriter, iter_rows, plan_shards
 from dafast.merge.sources import Checkpoint, LoraAdapter, open_model, row_layout
+from dafast.merge.staging import Staging
 from dafast.ops import slerp, slerp_sums
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -32,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
                    "added_tokens.json")
 Model = Checkpoint | LoraAdapter
+log = logging.getLogger("dafast.merge")
 
 
 @dataclass
@@ -73,6 +75,7 @@ def plan(config: MergeConfig, files: MappedFiles) -> tuple[list[TensorTask], dic
             sources = sorted(sources, key=lambda s: s.model != base)
         first = models[sources[0].model]
         ranges = ranges or [(0, _num_layers(models[s.model])) for s in sources]
+        _check_same_tensors([models[s.model] for s in sources], ranges)
         n_layers = ranges[0][1] - ranges[0][0]
         for name in first.names():
             match = LAYER.search(name)
@@ -95,6 +98,39 @@ def plan(config: MergeConfig, files: MappedFiles) -> tuple[list[TensorTask], dic
         out_layer += n_layers
     tasks.sort(key=lambda task: task.out.name)
     return tasks, models, out_layer
+
+
+def _slice_names(model: Model, layers: tuple[int, int]) -> set[str]:
+    """The model's tensors in a slice, layers renumbered from the slice's first layer."""
+    names = set()
+    for name in model.names():
+        match = LAYER.search(name)
+        if match is None:
+            names.add(name)
+        elif layers[0] <= int(match.group(1)) < layers[1]:
+            names.add(LAYER.sub(f".layers.{int(match.group(1)) - layers[0]}.", name, count=1))
+    return names
+
+
+def _renumber(name: str, first_layer: int) -> str:
+    match = LAYER.search(name)
+    return name if match is None else LAYER.sub(f".layers.{int(match.group(1)) + first_layer}.",
+                                                 name, count=1)
+
+
+def _check_same_tensors(inputs: list[Model], ranges: list[tuple[int, int]]) -> None:
+    """Every model of a slice has the same tensors: a tensor one of them lacks would be
+    dropped (and initialised randomly by transformers) or could not be merged."""
+    names = [_slice_names(model, layers) for model, layers in zip(inputs, ranges)]
+    union = set().union(*names)
+    problems = []
+    for model, own, layers in zip(inputs, names, ranges):
+        if missing := sorted(_renumber(name, layers[0]) for name in union - own):
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            problems.append(f"{model.ref} lacks {len(missing)} tensor(s) the other model(s) "
+                            f"have: {shown}")
+    if problems:
+        raise ValueError("the models do not have the same tensors; " + "; ".join(problems))
 
 
 def _task(config, out_name, inputs, sources, slice_params, position, merge_dtype, out_dtype):
@@ -139,6 +175,7 @@ class _Executor:
     def __init__(self, writer: ShardWriter, merge_dtype, device: torch.device, chunk_elements: int):
         self.writer, self.merge_dtype, self.device = writer, merge_dtype, device
         self.chunk_elements = chunk_elements
+        self.finite: dict[str, torch.Tensor] = {}  # per tensor, on device: no host sync per chunk
         pin = device.type == "cuda"
         self.pool: queue.Queue = queue.Queue()
         for _ in range(3):  # one being filled, one queued, one being written
@@ -177,6 +214,10 @@ class _Executor:
                 out.copy_(result)
             else:
                 out.copy_(tensors[0])
+            if task.method != "copy":
+                finite = torch.isfinite(out).all()
+                name = task.out.name
+                self.finite[name] = self.finite[name] & finite if name in self.finite else finite
             for m, n in task.inputs:
                 m.release(n, r0, r1)
             self.writer.write(shard, buffer[:nbytes].numpy(), done=lambda b=buffer: self.pool.put(b))
@@ -184,14 +225,19 @@ class _Executor:
 
 def run_merge(config: MergeConfig, out_dir: str | Path, *, overwrite: bool = False,
               device: str = "cpu", shard_bytes: int = DEFAULT_SHARD_BYTES,
-              chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, fsync: bool = False) -> dict:
+              chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, fsync: bool = False,
+              allow_nonfinite: bool = False) -> dict:
     """Merge as `config` says into `out_dir` (a HF model directory). Returns a small summary.
 
     Everything is checked before the first byte is written; the output is assembled in a
     temporary directory next to out_dir and renamed into place when complete, so an interrupted
-    merge leaves nothing. fsync=True also waits for the disk before the rename (durable across
+    merge leaves no partial output. fsync=True also waits for the disk before the rename (durable across
     power loss, at disk speed); like save_pretrained and mergekit, the default leaves the
-    writing-back to the kernel.
+    writing-back to the kernel. A merge killed before the rename leaves its temporary directory
+    behind: the next merge into the same place removes it (see dafast.merge.staging).
+
+    An output tensor with a NaN or infinity (SLERP makes the whole tensor NaN when an input has
+    one) is refused, naming the tensors, unless allow_nonfinite=True; the summary lists them.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -204,9 +250,8 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, overwrite: bool = Fal
         tokenizer_source = base
         if config.tokenizer_source not in (None, "base"):
             tokenizer_source = models.get(config.tokenizer_source) or open_model(config.tokenizer_source, files)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with Staging(out_dir) as staging:
+            tmp = staging.path
             shards = plan_shards([task.out for task in tasks], shard_bytes)
             writer = ShardWriter(tmp, shards, {"merged_by": "dafast"}, fsync=fsync)
             merge_dtype = getattr(torch, config.dtype) if config.dtype else None
@@ -221,17 +266,23 @@ def run_merge(config: MergeConfig, out_dir: str | Path, *, overwrite: bool = Fal
             except BaseException:
                 writer.abort()
                 raise
+            nonfinite = sorted(name for name, ok in executor.finite.items() if not bool(ok))
+            if nonfinite and not allow_nonfinite:
+                writer.abort()
+                shown = ", ".join(nonfinite[:8]) + (" ..." if len(nonfinite) > 8 else "")
+                raise ValueError(f"{len(nonfinite)} merged tensor(s) came out with NaN or "
+                                 f"infinity (an input holds one): {shown}; nothing was written "
+                                 "(allow_nonfinite=True / --allow-nonfinite writes them anyway)")
+            if nonfinite:
+                log.warning("merged tensors with NaN or infinity: %s", ", ".join(nonfinite))
             writer.close()
             _write_metadata(tmp, config, base, tokenizer_source, n_layers, tasks)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            staging.publish()
     finally:
         files.close()
     return {"out_dir": str(out_dir), "tensors": len(tasks), "shards": len(shards),
-            "bytes": sum(t.out.nbytes for t in tasks), "seconds": time.perf_counter() - start}
+            "bytes": sum(t.out.nbytes for t in tasks), "seconds": time.perf_counter() - start,
+            "nonfinite": nonfinite}
 
 
 def _base_dir(model: Model) -> Path:

@@ -81,11 +81,17 @@ def slerp_reference(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: f
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     x = a.reshape(-1).to(acc)
     y = b.reshape(-1).to(acc)
-    norm_x = torch.linalg.vector_norm(x)
-    norm_y = torch.linalg.vector_norm(y)
-    norm_x = torch.where(norm_x > eps, norm_x, 1.0)
-    norm_y = torch.where(norm_y > eps, norm_y, 1.0)
-    dot = ((x / norm_x) * (y / norm_y)).sum().clamp(-1.0, 1.0)
+    # The norms of fp32 values above ~1.8e19 overflow fp32: the angle is taken on x and y
+    # scaled by a power of two (exact; 1 for ordinary inputs, which keep mergekit's results).
+    peak = torch.maximum(x.abs().max(), y.abs().max()) if x.numel() else x.new_zeros(())
+    huge = peak.isfinite() & (peak > 2.0**60)
+    scale = torch.where(huge, torch.exp2(-torch.ceil(torch.log2(torch.where(huge, peak, 1.0)))), 1.0)
+    xs, ys = x * scale, y * scale
+    norm_x = torch.linalg.vector_norm(xs)
+    norm_y = torch.linalg.vector_norm(ys)
+    norm_x = torch.where(norm_x > eps * scale, norm_x, scale)  # a norm <= eps counts as 1
+    norm_y = torch.where(norm_y > eps * scale, norm_y, scale)
+    dot = ((xs / norm_x) * (ys / norm_y)).sum().clamp(-1.0, 1.0)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0.0, dot))  # finite on the unselected branch too
     sin_theta = torch.sin(theta)

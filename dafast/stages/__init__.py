@@ -12,14 +12,17 @@ result is returned as is; one with checkpoints resumes from the newest.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from pathlib import Path
 
 import dafast.memory
+from dafast.data import DataError
 from dafast.recipe import Recipe
 from dafast.stages import base
 
 MODULES = {"cpt": "sft", "sft": "sft", "dpo": "dpo", "orpo": "orpo"}
+log = logging.getLogger("dafast.stages")
 
 
 def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
@@ -36,11 +39,26 @@ def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
     trainer = module.build_trainer(kind, settings, model, tokenizer, dataset,
                                    base.trainer_arguments(recipe, settings, stage_dir),
                                    base.peft_config(recipe, kind),
-                                   [base.MetricsLog(stage_dir / "metrics.jsonl")])
+                                   [base.MetricsLog(stage_dir / "metrics.jsonl"),
+                                    base.CheckpointMarker()])
     base.quiet_console(trainer)
+    _check_dropped_rows(kind, settings, dataset, trainer.train_dataset)
     with dafast.memory.caching_cpu_allocator(recipe.cpu_allocator == "caching"):
         base.train(trainer, stage_dir)
     return base.finish(trainer, tokenizer, recipe, settings, stage_dir, kind, started)
+
+
+def _check_dropped_rows(kind: str, settings, rows, kept) -> None:
+    """TRL drops rows that max_length leaves without a trained token (the prompt fills it):
+    say how many, and refuse a stage left with none."""
+    dropped = len(rows) - len(kept)
+    if dropped <= 0:
+        return
+    why = (f"max_length {settings.max_length} leaves them no trained token (the prompt alone "
+           f"fills it); raise {kind}.max_length or shorten the prompts")
+    if len(kept) == 0:
+        raise DataError(f"{settings.data}: all {len(rows)} rows dropped: {why}")
+    log.warning("%s: %d of %d rows dropped: %s", settings.data, dropped, len(rows), why)
 
 
 __all__ = ["run_stage"]

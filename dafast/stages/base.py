@@ -13,12 +13,16 @@ A stage directory, when finished:
 Merging the adapter after each stage (rather than stacking adapters) keeps the chain simple: the
 next stage starts from a plain model, DPO's reference is that model with the new adapter
 disabled, and every stage output can be merged, evaluated or shipped as it is.
-While the stage runs, TRL's checkpoints go to checkpoints/; a rerun resumes from the newest.
+While the stage runs, TRL's checkpoints go to checkpoints/; a rerun resumes from the newest
+complete one (see CheckpointMarker) and deletes the incomplete ones a kill or a full disk left.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
 import time
 import warnings
@@ -35,6 +39,8 @@ import dafast.mlp
 from dafast.recipe import Recipe, StageSettings
 
 RESULT = "result.json"
+CHECKPOINT_DONE = "dafast-checkpoint.json"  # in a checkpoint: its files, written after them
+log = logging.getLogger("dafast.stages")
 
 
 def is_complete(stage_dir: Path) -> bool:
@@ -100,17 +106,23 @@ def trainer_arguments(recipe: Recipe, settings: StageSettings, stage_dir: Path) 
 
 class MetricsLog(TrainerCallback):
     """Appends each log record to metrics.jsonl (main process only), with tokens/s. On resume
-    it first drops records past the checkpoint, so the file reads as one uninterrupted run."""
+    it first drops records past the checkpoint, and an earlier attempt's end-of-training summary,
+    so the file reads as one uninterrupted run."""
 
     def __init__(self, path: Path):
         self.path = path
         self._clock = None
+        self._tokens_before = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self._tokens_before = 0.0
+        if state.is_world_process_zero:
+            trim_metrics(self.path, state.global_step, keep_summary=False)
+            if state.global_step and self.path.exists():
+                # TRL's num_tokens counts from this train() call, not from the checkpoint
+                records = [json.loads(line) for line in self.path.read_text().splitlines()]
+                self._tokens_before = next((r["num_tokens"] for r in reversed(records)
+                                            if "num_tokens" in r), 0.0)
         self._clock = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -119,6 +131,8 @@ class MetricsLog(TrainerCallback):
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         start, start_tokens = self._clock
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if "num_tokens" in record:
+            record["num_tokens"] += self._tokens_before
         if now > start and tokens > start_tokens:
             record["tokens_per_second"] = (tokens - start_tokens) / (now - start)
         self._clock = (now, tokens)
@@ -148,11 +162,75 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
                         category=FutureWarning)
 
 
-def last_checkpoint(stage_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def trim_metrics(path: Path, step: int, *, keep_summary: bool) -> None:
+    """Keep the records up to `step` (and the summary row, written once training ended, only
+    if asked); a line cut short by a kill is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step and (keep_summary or "train_loss" not in record):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete: transformers calls on_save once the checkpoint is written
+    (weights, optimizer, scheduler, RNG, trainer_state.json), and the marker lists those files
+    with their sizes. A kill or a full disk mid-save, or a rotation cut short, leaves a
+    checkpoint without a marker or with a file missing or truncated: it is not resumed from.
+    (Data-parallel: the main process marks once its own files are written.)"""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            mark_complete(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def mark_complete(checkpoint: Path) -> None:
+    files = {str(p.relative_to(checkpoint)): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != CHECKPOINT_DONE}
+    tmp = checkpoint / (CHECKPOINT_DONE + ".tmp")
+    with tmp.open("w") as f:
+        json.dump({"files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(checkpoint / CHECKPOINT_DONE)
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    try:
+        files = json.loads((checkpoint / CHECKPOINT_DONE).read_text())["files"]
+        return "trainer_state.json" in files and all(
+            (checkpoint / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def last_checkpoint(stage_dir: Path) -> str | None:
+    """The newest complete checkpoint; incomplete ones are deleted (main process), since a run
+    holds the output directory's lock and nothing else writes them."""
     root = stage_dir / "checkpoints"
-    return get_last_checkpoint(str(root)) if root.is_dir() else None
+    if not root.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in root.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))),
+                   reverse=True)
+    newest = None
+    for _, path in steps:
+        if newest is None and checkpoint_complete(path):
+            newest = path
+        elif not checkpoint_complete(path) and int(os.environ.get("RANK", "0")) == 0:
+            log.warning("%s: incomplete checkpoint (interrupted while saving), deleting it", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return str(newest) if newest else None
 
 
 def use_dafast_kernels(model) -> None:
@@ -162,9 +240,42 @@ def use_dafast_kernels(model) -> None:
 
 
 def train(trainer, stage_dir: Path) -> None:
-    """Patch the model onto dafast's kernels and train, resuming from the last checkpoint."""
+    """Patch the model onto dafast's kernels and train, resuming from the last checkpoint. A
+    checkpoint of the final step is loaded, not resumed: transformers would take one more step."""
     use_dafast_kernels(trainer.model)
-    trainer.train(resume_from_checkpoint=last_checkpoint(stage_dir))
+    checkpoint = last_checkpoint(stage_dir)
+    if checkpoint is not None:
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            load_checkpoint_weights(trainer.model, Path(checkpoint))
+            trainer.state = state
+            if trainer.accelerator.is_main_process:
+                trim_metrics(stage_dir / "metrics.jsonl", state.global_step, keep_summary=True)
+            return
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def load_checkpoint_weights(model, checkpoint: Path) -> None:
+    """The trained weights of a checkpoint: the LoRA adapter, or the full model."""
+    from safetensors.torch import load_file
+
+    adapter = checkpoint / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        unexpected = result.unexpected_keys
+    else:
+        weights = load_file(checkpoint / "model.safetensors")
+        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+        missing = set(model.state_dict()) - set(weights)
+        tied = {name for name in missing if "lm_head" in name}  # saved once, with the embedding
+        if missing - tied:
+            raise RuntimeError(f"{checkpoint}: the checkpoint lacks {sorted(missing - tied)[:5]}")
+    if unexpected:
+        raise RuntimeError(f"{checkpoint}: tensors the model does not have: {unexpected[:5]}")
 
 
 def finish(trainer, tokenizer, recipe: Recipe, settings: StageSettings, stage_dir: Path,
