@@ -48,6 +48,7 @@ class Node:
     seconds: float = 0.0
     model_dir: Path | None = None
     summary: dict | None = field(default=None, repr=False)
+    records: list | None = field(default=None, repr=False)  # the eval's per-question records
     recipe: Recipe | None = field(default=None, repr=False)  # a stage: its (swept) settings
     merge_t: object = None         # a merge: its t-schedule (None: the paper's)
 
@@ -219,7 +220,8 @@ def run(recipe: Recipe, *, only_plan: bool = False) -> dict[str, Node]:
             else:
                 started = time.time()
                 try:
-                    node.summary = _evaluate(node, recipe, root)["summary"]
+                    payload = _evaluate(node, recipe, root)
+                    node.summary, node.records = payload["summary"], payload.get("records")
                 except Exception as e:
                     node.status, node.error = "failed", f"evaluation: {type(e).__name__}: {e}"
                     log.error("evaluating %s failed:\n%s", node.name, traceback.format_exc())
@@ -256,9 +258,12 @@ def machine() -> dict:
 def write_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
     from dafast.eval.report import write_report as write
 
+    # Records give the report its intervals and paired tests; the headline column is the
+    # recipe's (getattr: recipes from before the field still report, on the cloze column).
     rows = [{"variant": n.name, "parents": n.parents if n.kind == "merge" else [],
-             "summary": n.summary} for n in nodes.values() if n.evaluate and n.summary]
+             "summary": n.summary, "records": n.records}
+            for n in nodes.values() if n.evaluate and n.summary]
     return write(root / "report", rows, loss_curves=loss_curves(nodes), config=recipe.model_dump(),
                  timings={n.name: n.seconds for n in nodes.values()}, machine=machine(),
-                 instruct="instruct",
+                 instruct="instruct", primary=getattr(recipe.eval, "primary", "cloze"),
                  failures={n.name: n.error for n in nodes.values() if n.error})

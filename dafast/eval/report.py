@@ -180,6 +180,9 @@ def _sentence(a: str, b: str, column: str, v: Mapping) -> str:
 def _headline(rows: Sequence[Mapping], analysis: Mapping) -> list[str]:
     column, base = analysis["primary"], analysis["instruct"]
     parts = [f"## Headline: {_TITLES[column]}", ""]
+    if analysis["requested"] != column:
+        parts += [f"The primary column `{analysis['requested']}` did not run for these variants; "
+                  f"the headline shows `{column}` instead.", ""]
     if not analysis["intervals"]:
         return parts + [_accuracy_table(rows, column, analysis, HEADLINE_GROUPS), "",
                         "No per-question records were given: no intervals or paired tests.", ""]

@@ -188,7 +188,7 @@ def analyse(rows: Sequence[Mapping], *, primary: str = "cloze", instruct: str | 
     """The statistics of the report's rows (see dafast.eval.report), from their records:
 
     ``{"primary": the headline column (``primary``, or the first column that ran when it did
-    not), "columns": the columns that ran, primary first, "instruct": its row name or None,
+    not), "requested": ``primary``, "columns": the columns that ran, primary first, "instruct": its row name or None,
     "chance": {group: accuracy}, "intervals": {variant: {column: {group: (lo, hi) | None}}},
     "vs_instruct": {variant: {column: paired_difference(variant, instruct)}} (overall),
     "vs_parents": [{"merge", "parent", "comparisons": {column: paired_difference}}],
@@ -206,10 +206,10 @@ def analyse(rows: Sequence[Mapping], *, primary: str = "cloze", instruct: str | 
         instruct = next((n for n in names if n.lower() == "instruct"), None)
     records = {r["variant"]: r["records"] for r in rows if r.get("records")}
     with_records = next(iter(records.values()), None)
-    result = {"primary": used, "columns": [used] + [c for c in ran if c != used],
+    result = {"primary": used, "requested": primary, "columns": [used] + [c for c in ran if c != used],
               "instruct": instruct if instruct in names else None,
-              "chance": chance(with_records, None if with_records else rows[0]["summary"]["n"]
-                               if rows else None),
+              "chance": chance(with_records, None if with_records or not rows
+                               else rows[0]["summary"].get("n")),
               "intervals": {}, "vs_instruct": {}, "vs_parents": [], "degenerate": {}}
     for name, recs in records.items():
         groups = {g: in_group(recs, g) for g in GROUPS}
