@@ -229,7 +229,7 @@ def _degenerate(analysis: Mapping) -> list[str]:
 
 
 def _synergy_markdown(table: list[dict]) -> str:
-    header = ["merge", "P1 (trained)", "P2 (instruct)", "expected (P1+P2)/2", "merged [95%]",
+    header = ["merge", "P1 (trained)", "P2 (instruct)", "expected (P1+P2)/2 [95%]", "merged [95%]",
               "merged − expected [95%]", "improvement (merged − max) [95%]",
               "diversity \\|P1−P2\\| [95%]"]
 
@@ -239,7 +239,8 @@ def _synergy_markdown(table: list[dict]) -> str:
         return fmt(t[key]) if iv is None else f"{fmt(t[key])} [{fmt(iv[0])}, {fmt(iv[1])}]"
 
     lines = [[f"{t['merge']} ({t['parent']} × {t['instruct']})", _percent(t["p1"]),
-              _percent(t["p2"]), _percent(t["expected"]),
+              _percent(t["p2"]),
+              _with_interval(t["expected"], (t.get("intervals") or {}).get("expected")),
               _with_interval(t["merged"], (t.get("intervals") or {}).get("merged")),
               signed(t, "vs_expected"), signed(t, "improvement"), signed(t, "diversity")]
              for t in table]
