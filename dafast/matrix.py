@@ -51,6 +51,7 @@ class Node:
     times: dict = field(default_factory=dict)  # "training"/"merge"/"evaluation" -> seconds
     model_dir: Path | None = None
     summary: dict | None = field(default=None, repr=False)
+    records: list | None = field(default=None, repr=False)  # the eval's per-question records
     recipe: Recipe | None = field(default=None, repr=False)  # a stage: its (swept) settings
     merge_t: object = None         # a merge: its t-schedule (None: the paper's)
 
@@ -246,7 +247,9 @@ def _eval_path(node: Node, recipe: Recipe, root: Path) -> Path:
 
     settings = recipe.eval
     # The device decides the eval dtype too (bf16 on a GPU, fp32 on the CPU).
-    key = _hash(node.key, settings.model_dump(), _data_identity(settings.bench, "eval"),
+    # The headline column only changes how the report reads the answers.
+    key = _hash(node.key, settings.model_dump(exclude={"primary"}),
+                _data_identity(settings.bench, "eval"),
                 default_device())
     return root / "eval" / f"{node.name}-{key}.json"
 
@@ -261,7 +264,7 @@ def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
         return json.loads(path.read_text())
     started = time.time()
     result = evaluate_dir(node.model_dir, settings.bench, batch_size=settings.batch_size,
-                          loglik=settings.loglik, limit=settings.limit)
+                          loglik=settings.loglik, cloze=settings.cloze, limit=settings.limit)
     payload = {"summary": result.summary, "records": [r.__dict__ for r in result.records],
                "seconds": time.time() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +331,7 @@ def _run_nodes(recipe: Recipe, nodes: dict[str, Node], root: Path, main_process:
             else:
                 try:
                     payload = _evaluate(node, recipe, root)
-                    node.summary = payload["summary"]
+                    node.summary, node.records = payload["summary"], payload.get("records")
                     _record_time(node, "evaluation", payload)
                     cached = "(cached) " if node.action.endswith("eval cached") else ""
                     log.info("%s: evaluated %s%s, %.1f s", node.name, cached,
@@ -373,9 +376,12 @@ def timings(nodes: dict[str, Node]) -> dict[str, float]:
 def write_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
     from dafast.eval.report import write_report as write
 
+    # Records give the report its intervals and paired tests; the headline column is the
+    # recipe's (getattr: recipes from before the field still report, on the cloze column).
     rows = [{"variant": n.name, "parents": n.parents if n.kind == "merge" else [],
-             "summary": n.summary} for n in nodes.values() if n.evaluate and n.summary]
+             "summary": n.summary, "records": n.records}
+            for n in nodes.values() if n.evaluate and n.summary]
     return write(root / "report", rows, loss_curves=loss_curves(nodes), config=recipe.model_dump(),
                  timings=timings(nodes), machine=machine(),
-                 instruct="instruct",
+                 instruct="instruct", primary=recipe.eval.primary,
                  failures={n.name: n.error for n in nodes.values() if n.error})

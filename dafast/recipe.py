@@ -130,6 +130,10 @@ class EvalSettings(Settings):
                        "docs/design.md, 'Data formats')")
     batch_size: int = Field(16, ge=1, description="questions per batch")
     loglik: bool = Field(True, description="also score each option by log-likelihood")
+    cloze: bool = Field(True, description="also the cloze and PMI columns: each option's text "
+                        "scored as the answer to the question without the option list")
+    primary: Literal["generation", "loglik", "calibrated", "cloze", "pmi"] = Field(
+        "cloze", description="the headline column: the report and its plots lead with it")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N questions")
 
 

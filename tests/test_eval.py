@@ -176,7 +176,8 @@ def _summary(overall, loglik=None, unparseable=0):
 def _scored(qid, type_, gold, scores):
     best = max(scores, key=scores.get)
     return Record(qid, "basic", type_, False, gold, best, best, best == gold,
-                  loglik_choice=best, loglik_correct=best == gold, loglik_scores=scores)
+                  loglik_choice=best, loglik_correct=best == gold, loglik_scores=scores,
+                  answers={"generation": best, "loglik": best})
 
 
 def test_calibration_removes_a_fixed_letter_preference():
@@ -193,6 +194,8 @@ def test_calibration_removes_a_fixed_letter_preference():
     assert [chosen[f"m{i}"] for i in range(8)] == list(golds)
     # tf means: True -2.0, False -0.75; residuals t0 (1.0, 0.25) -> True, t1 (-1.0, -0.25) -> False
     assert (chosen["t0"], chosen["t1"]) == ("True", "False")
+    for record in records:  # as evaluate() records them
+        record.answers["calibrated"] = chosen[record.id]
     summary = summarize(records)
     assert summary["loglik"]["mc"] == pytest.approx(0.25) and summary["loglik"]["tf"] == 0.5
     assert summary["calibrated"]["mc"] == 1.0 and summary["calibrated"]["tf"] == 1.0
@@ -407,7 +410,10 @@ def test_report(tiny, tmp_path):
 
 
 def test_summarize_empty_groups():
-    assert summarize([])["generation"]["overall"] is None
+    only_mc = summarize([_scored("m0", "mc", "A", {"A": 0.0, "B": -1.0})])
+    assert only_mc["generation"]["mc"] == 1.0 and only_mc["generation"]["tf"] is None
+    assert only_mc["cloze"] is None  # a column that did not run
+    assert summarize([])["generation"] is None
 
 
 # --- the real default model ----------------------------------------------------------------

@@ -6,8 +6,11 @@ From Python (what the strategy matrix calls):
 
     result = evaluate_dir(model_dir, "builtin:biomat")           # -> EvalResult
     rows.append({"variant": "CPT-SFT-SLERP", "parents": ["CPT-SFT", "Instruct"],
-                 "summary": result.summary})
-    write_report(out_dir, rows, loss_curves=..., config=..., timings=..., machine=...)
+                 "summary": result.summary, "records": result.to_dict()["records"]})
+    write_report(out_dir, rows, primary="cloze", loss_curves=..., config=..., timings=...)
+
+The statistics of the report (intervals, paired tests, degenerate answers) are in
+dafast.eval.stats.
 """
 
 from dafast.eval.answers import ANSWER_PREFIX, USER_TEMPLATE, parse_answer, prompt_text

@@ -4,7 +4,8 @@
                                 [--batch-size N] [--limit N] [--no-loglik]
 
 MODEL is a local Hugging Face directory or "default" (the embedded SmolLM2-135M-Instruct).
-Prints a table of accuracies (generation and log-likelihood columns); --out writes the summary
+Prints a table of accuracies with 95% intervals (one column per answer column: generation,
+loglik, calibrated, cloze, pmi) and flags mostly-one-answer columns; --out writes the summary
 and every question's record (reply, parsed answer, scores) as JSON.
 """
 
@@ -19,21 +20,43 @@ import time
 
 from dafast.eval.answers import ANSWER_PREFIX, USER_TEMPLATE
 from dafast.eval.benchmark import BenchmarkError
-from dafast.eval.runner import GROUPS, evaluate_dir
+from dafast.eval import stats
+from dafast.eval.runner import COLUMNS, GROUPS, evaluate_dir
 
 
-def format_table(summary: dict) -> str:
-    """Accuracy (%) per group, one line per column, with the group sizes."""
+def format_table(summary: dict, records: list[dict] | None = None) -> str:
+    """Accuracy (%) per group (lines) and column (columns), with the group sizes; with
+    ``records`` (as dicts) each accuracy carries its 95% bootstrap interval and a column whose
+    answers are mostly one letter or truth value is named below the table."""
+    columns = [c for c in COLUMNS if summary.get(c) is not None]
+    cells = {}
+    for column in columns:
+        for group in GROUPS:
+            value = summary[column][group]
+            members = stats.in_group(records, group) if records else []
+            correct = stats.outcomes(members, column) if members else None
+            if value is None:
+                cells[column, group] = "-"
+            elif correct is None:
+                cells[column, group] = f"{100 * value:.1f}"
+            else:
+                lo, hi = stats.accuracy_interval(correct)
+                cells[column, group] = f"{100 * value:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
     n = summary["n"]
-    names = [f"{g} ({n[g]})" for g in GROUPS]
-    widths = [max(len(name), 5) for name in names]
-    lines = ["column      " + "  ".join(name.rjust(w) for name, w in zip(names, widths))]
-    for column in ("generation", "loglik", "calibrated"):
-        accuracies = summary.get(column)
-        if accuracies is None:
-            continue
-        cells = ["-" if accuracies[g] is None else f"{100 * accuracies[g]:.1f}" for g in GROUPS]
-        lines.append(f"{column:<12}" + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    labels = [f"{g} ({n[g]})" for g in GROUPS]
+    first = max(len(label) for label in labels + ["group"])
+    widths = [max([len(c)] + [len(cells[c, g]) for g in GROUPS]) for c in columns]
+    lines = ["group".ljust(first) + "  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    for label, group in zip(labels, GROUPS):
+        lines.append(label.ljust(first) + "  "
+                     + "  ".join(cells[c, group].rjust(w) for c, w in zip(columns, widths)))
+    if records:
+        lines.append("95% intervals: bootstrap over questions")
+        for column in columns:
+            for type_, share in stats.answer_shares(records, column).items():
+                if share["flagged"]:
+                    lines.append(f"degenerate: {column} answers {share['answer']!r} to "
+                                 f"{100 * share['share']:.0f}% of {share['n']} {type_} questions")
     lines.append(f"unparseable replies: {summary['unparseable']} of {n['overall']}")
     return "\n".join(lines)
 
@@ -64,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = time.perf_counter() - start
 
-    print(format_table(result.summary))
+    print(format_table(result.summary, result.to_dict()["records"]))
     print(f"wall time: {seconds:.1f} s (model loading included)")
     if args.out:
         data = {"model": str(args.model), "bench": str(args.bench), "seconds": seconds,

@@ -2,18 +2,27 @@
 
 A row is one evaluated variant, a plain dict (so the strategy matrix needs nothing from here):
 
-    {"variant": "CPT-SFT-SLERP",                 # unique name; "<X>-SLERP" marks a merge
-     "parents": ["CPT-SFT", "Instruct"],         # merges: [trained variant, instruct]; else []
-     "summary": result.summary}                  # dafast.eval.runner.summarize()
+    {"variant": "cpt-sft-slerp",                 # unique name; "<X>-SLERP" marks a merge
+     "parents": ["cpt-sft", "instruct"],         # merges: [trained variant, instruct]; else []
+     "summary": result.summary,                  # dafast.eval.runner.summarize()
+     "records": [...]}                           # optional: the eval file's per-question records
 
-``write_report(out_dir, rows, ...)`` writes into ``out_dir``:
+With records every accuracy carries a 95% bootstrap interval, each variant is compared with the
+instruct model and each merge with its parents (paired bootstrap and exact McNemar, see
+:mod:`dafast.eval.stats`), and variants answering mostly one letter or truth value are flagged;
+rows without records (old eval files) get the accuracies alone. The rows' order is kept
+everywhere (the matrix passes them in pipeline order).
 
-    results.csv     one line per variant: every accuracy of every column and the unparseable count
-    report.md       accuracy tables, the synergy tables, the plots, the run's config/times/machine
-    accuracy.png    bars per variant (overall, basic, advanced; one panel per column)
+``write_report(out_dir, rows, ..., primary="cloze")`` writes into ``out_dir``:
+
+    results.csv     one line per variant: every accuracy of every column with its interval, the
+                    difference to the instruct model, the most common answers' shares
+    report.md       the primary column's headline table and verdicts, the flags, every column's
+                    table, the synergy tables, the plots, the run's config/times/machine
+    accuracy.png    each variant's accuracy with its interval, per column and headline group
     synergy.png     expected (P1+P2)/2 against the merged score, with the diagonal (if merges)
     loss.png        training-loss curves (if given)
-    report.json     everything passed in, to re-render or compare later
+    report.json     everything passed in and the statistics, to re-render or compare later
 
 Everything is written to a temporary directory next to ``out_dir`` and renamed into place, so a
 reader never sees a half-written report. An existing ``out_dir`` is replaced only if it holds
@@ -30,23 +39,28 @@ import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 
-from dafast.eval.runner import GROUPS
+from dafast.eval import stats
+from dafast.eval.plots import GROUP_TITLES, HEADLINE_GROUPS, plot_accuracy, plot_loss, plot_synergy
+from dafast.eval.runner import COLUMNS, GROUPS
 from dafast.eval.synergy import synergy_table
 
-COLUMNS = ("generation", "loglik", "calibrated")
 REPORT_FILES = frozenset(
     {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png"}
 )
-_GROUP_TITLES = {
-    "overall": "overall", "basic": "basic", "advanced": "advanced", "mc": "mc", "tf": "tf",
-    "corpus_only": "corpus-only", "not_corpus_only": "not corpus-only",
-}
+_TITLES = {"generation": "generation (the paper's protocol)", "loglik": "letter log-likelihood",
+           "calibrated": "calibrated letter log-likelihood", "cloze": "cloze (option text, per byte)",
+           "pmi": "cloze PMI (option text less its unconditional log-prob)"}
 
 
 def csv_header() -> list[str]:
-    """results.csv columns: accuracies are fractions in [0, 1], empty where not measured."""
+    """results.csv columns: accuracies are fractions in [0, 1], empty where not measured; ``_lo``
+    and ``_hi`` bound the 95% interval; ``_vs_instruct`` is the overall difference to the
+    instruct model (``_p``: exact McNemar); ``_top_mc``/``_top_tf`` the most common answer's share."""
     return (["variant", "parents", "n"] + [f"generation_{g}" for g in GROUPS]
-            + ["unparseable"] + [f"{c}_{g}" for c in COLUMNS[1:] for g in GROUPS])
+            + ["unparseable"] + [f"{c}_{g}" for c in COLUMNS[1:] for g in GROUPS]
+            + [f"{c}_{g}_{end}" for c in COLUMNS for g in GROUPS for end in ("lo", "hi")]
+            + [f"{c}_vs_instruct{end}" for c in COLUMNS for end in ("", "_lo", "_hi", "_p")]
+            + [f"{c}_top_{t}" for c in COLUMNS for t in ("mc", "tf")])
 
 
 def _check_rows(rows: Sequence[Mapping]) -> None:
@@ -64,6 +78,11 @@ def _check_rows(rows: Sequence[Mapping]) -> None:
                              "dafast.eval.evaluate (with a 'generation' entry)")
         if not isinstance(row.get("parents", []), (list, tuple)):
             raise ValueError(f"{where} ({row['variant']}): 'parents' must be a list of names")
+        records = row.get("records")
+        if records is not None and not (isinstance(records, (list, tuple)) and all(
+                isinstance(r, Mapping) and {"id", "gold", "type"} <= r.keys() for r in records)):
+            raise ValueError(f"{where} ({row['variant']}): 'records' must be the eval file's list "
+                             "of per-question records (dicts with 'id', 'gold', 'type', 'answers')")
 
 
 def _fraction(value) -> str:
@@ -74,16 +93,43 @@ def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def _csv_rows(rows: Sequence[Mapping]) -> list[list]:
+def _points(value) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _with_interval(value, interval) -> str:
+    """"41.2 [35.0, 47.5]": an accuracy (%) and its 95% interval, when there is one."""
+    if value is None or interval is None:
+        return _percent(value)
+    return f"{100 * value:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _pvalue(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _csv_rows(rows: Sequence[Mapping], analysis: Mapping) -> list[list]:
     lines = []
     for row in rows:
-        s = row["summary"]
-        lines.append(
-            [row["variant"], ";".join(row.get("parents") or []), s.get("n", {}).get("overall", "")]
-            + [_fraction(s["generation"].get(g)) for g in GROUPS]
-            + [s.get("unparseable", "")]
-            + [_fraction((s.get(c) or {}).get(g)) for c in COLUMNS[1:] for g in GROUPS]
-        )
+        s, name = row["summary"], row["variant"]
+        intervals = analysis["intervals"].get(name, {})
+        versus = analysis["vs_instruct"].get(name, {})
+        shares = analysis["degenerate"].get(name, {})
+        line = ([name, ";".join(row.get("parents") or []), s.get("n", {}).get("overall", "")]
+                + [_fraction(s["generation"].get(g)) for g in GROUPS]
+                + [s.get("unparseable", "")]
+                + [_fraction((s.get(c) or {}).get(g)) for c in COLUMNS[1:] for g in GROUPS])
+        for c in COLUMNS:
+            for g in GROUPS:
+                interval = intervals.get(c, {}).get(g)
+                line += [_fraction(interval[0]), _fraction(interval[1])] if interval else ["", ""]
+        for c in COLUMNS:
+            v = versus.get(c)
+            line += [_fraction(v[k]) for k in ("diff", "lo", "hi")] + [f"{v['p']:.4g}"] if v \
+                else ["", "", "", ""]
+        for c in COLUMNS:
+            line += [_fraction(shares.get(c, {}).get(t, {}).get("share")) for t in ("mc", "tf")]
+        lines.append(line)
     return lines
 
 
@@ -98,91 +144,107 @@ def _table(header: list[str], lines: list[list]) -> str:
     return "\n".join(out)
 
 
-def _accuracy_table(rows: Sequence[Mapping], column: str) -> str:
-    header = ["variant"] + [_GROUP_TITLES[g] for g in GROUPS]
+def _accuracy_table(rows: Sequence[Mapping], column: str, analysis: Mapping,
+                    groups: Sequence[str] = GROUPS) -> str:
+    header = ["variant"] + [GROUP_TITLES[g] for g in groups]
     if column == "generation":
         header.append("unparseable")
     lines = []
     for row in rows:
         accuracies = row["summary"].get(column) or {}
-        line = [row["variant"]] + [_percent(accuracies.get(g)) for g in GROUPS]
+        intervals = analysis["intervals"].get(row["variant"], {}).get(column, {})
+        line = [row["variant"]] + [_with_interval(accuracies.get(g), intervals.get(g)) for g in groups]
         if column == "generation":
             line.append(row["summary"].get("unparseable", ""))
         lines.append(line)
     return _table(header, lines)
 
 
+def _comparison_cells(v: Mapping | None) -> list[str]:
+    if v is None:
+        return ["–", "–"]
+    return [f"{_points(v['diff'])} [{_points(v['lo'])}, {_points(v['hi'])}]", _pvalue(v["p"])]
+
+
+def _sentence(a: str, b: str, column: str, v: Mapping) -> str:
+    """One comparison in words: the difference, its interval and test, and what they mean."""
+    verdict = stats.verdict(v)
+    meaning = {"real": "a real difference (the interval excludes 0 and p < 0.05)",
+               "noise": "within noise (the interval contains 0 and p ≥ 0.05)",
+               "borderline": "borderline (the interval and the test disagree)"}[verdict]
+    return (f"- **{a}** vs **{b}**: {_points(v['diff'])} points "
+            f"[{_points(v['lo'])}, {_points(v['hi'])}], McNemar p = {_pvalue(v['p'])} "
+            f"({v['a_only']} questions only {a} got right, {v['b_only']} only {b}): {meaning}.")
+
+
+def _headline(rows: Sequence[Mapping], analysis: Mapping) -> list[str]:
+    column, base = analysis["primary"], analysis["instruct"]
+    parts = [f"## Headline: {_TITLES[column]}", ""]
+    if analysis["requested"] != column:
+        parts += [f"The primary column `{analysis['requested']}` did not run for these variants; "
+                  f"the headline shows `{column}` instead.", ""]
+    if not analysis["intervals"]:
+        return parts + [_accuracy_table(rows, column, analysis, HEADLINE_GROUPS), "",
+                        "No per-question records were given: no intervals or paired tests.", ""]
+    header = ["variant"] + [GROUP_TITLES[g] for g in HEADLINE_GROUPS] + [
+        f"Δ vs {base} [95%]" if base else "Δ vs instruct", "McNemar p"]
+    lines = []
+    for row in rows:
+        accuracies = row["summary"].get(column) or {}
+        intervals = analysis["intervals"].get(row["variant"], {}).get(column, {})
+        lines.append([row["variant"]]
+                     + [_with_interval(accuracies.get(g), intervals.get(g)) for g in HEADLINE_GROUPS]
+                     + _comparison_cells(analysis["vs_instruct"].get(row["variant"], {}).get(column)))
+    parts += [_table(header, lines), ""]
+    merges = [m for m in analysis["vs_parents"] if column in m["comparisons"]]
+    if merges:
+        parts += ["Each merge against each parent:", "",
+                  _table(["merge", "parent", "Δ merge − parent [95%]", "McNemar p"],
+                         [[m["merge"], m["parent"], *_comparison_cells(m["comparisons"][column])]
+                          for m in merges]), ""]
+    sentences = [_sentence(name, base, column, v[column])
+                 for name, v in analysis["vs_instruct"].items() if column in v]
+    sentences += [_sentence(m["merge"], m["parent"], column, m["comparisons"][column])
+                  for m in merges if m["parent"] != base]
+    if sentences:
+        parts += [f"In words ({column}, overall accuracy, paired over the same questions):", "",
+                  *sentences, ""]
+    return parts
+
+
+def _degenerate(analysis: Mapping) -> list[str]:
+    limits = ", ".join(f"{t} > {100 * s:.0f}%" for t, s in stats.DEGENERATE_SHARE.items())
+    parts = ["## Degenerate answers", "",
+             "A variant is flagged when its most common answer, per question type, passes a share "
+             f"of that type's questions ({limits}; the benchmark's golds are close to even), i.e. "
+             "it answers mostly one letter or one truth value whatever the question.", ""]
+    flagged = [[name, column, t, share["answer"], f"{100 * share['share']:.1f}% of {share['n']}"]
+               for name, columns in analysis["degenerate"].items()
+               for column, types in columns.items() for t, share in types.items() if share["flagged"]]
+    if flagged:
+        parts += [_table(["variant", "column", "type", "most common answer", "share"], flagged)]
+    else:
+        parts += ["No variant is flagged in any column."]
+    return parts + [""]
+
+
 def _synergy_markdown(table: list[dict]) -> str:
-    header = ["merge", "P1 (trained)", "P2 (instruct)", "expected (P1+P2)/2", "merged",
-              "merged − expected", "improvement (merged − max)", "diversity \\|P1−P2\\|"]
+    header = ["merge", "P1 (trained)", "P2 (instruct)", "expected (P1+P2)/2 [95%]", "merged [95%]",
+              "merged − expected [95%]", "improvement (merged − max) [95%]",
+              "diversity \\|P1−P2\\| [95%]"]
+
+    def signed(t, key):
+        iv = (t.get("intervals") or {}).get(key)
+        fmt = _percent if key == "diversity" else _points  # diversity is never negative
+        return fmt(t[key]) if iv is None else f"{fmt(t[key])} [{fmt(iv[0])}, {fmt(iv[1])}]"
+
     lines = [[f"{t['merge']} ({t['parent']} × {t['instruct']})", _percent(t["p1"]),
-              _percent(t["p2"]), _percent(t["expected"]), _percent(t["merged"]),
-              f"{100 * t['vs_expected']:+.1f}", f"{100 * t['improvement']:+.1f}",
-              _percent(t["diversity"])] for t in table]
+              _percent(t["p2"]),
+              _with_interval(t["expected"], (t.get("intervals") or {}).get("expected")),
+              _with_interval(t["merged"], (t.get("intervals") or {}).get("merged")),
+              signed(t, "vs_expected"), signed(t, "improvement"), signed(t, "diversity")]
+             for t in table]
     return _table(header, lines)
-
-
-# --- plots (matplotlib's Figure with the Agg canvas: no pyplot, no global backend state) -----
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _plot_accuracy(rows: Sequence[Mapping], path: pathlib.Path) -> None:
-    groups = ("overall", "basic", "advanced")
-    columns = [c for c in COLUMNS if any(r["summary"].get(c) for r in rows)]
-    figure = _figure(max(6.0, 0.6 * len(rows) * len(groups) / 2 + 2), 3.2 * len(columns))
-    axes = figure.subplots(len(columns), 1, squeeze=False)[:, 0]
-    width = 0.8 / len(groups)
-    for ax, column in zip(axes, columns):
-        for k, group in enumerate(groups):
-            values = [100 * ((r["summary"].get(column) or {}).get(group) or 0.0) for r in rows]
-            ax.bar([i + (k - 1) * width for i in range(len(rows))], values, width, label=group)
-        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"{column} column")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small", ncols=len(groups))
-    figure.savefig(path)
-
-
-def _plot_synergy(tables: Mapping[str, list[dict]], path: pathlib.Path) -> None:
-    figure = _figure(5.5, 5.0)
-    ax = figure.subplots()
-    for k, ((column, table), marker) in enumerate(zip(tables.items(), "os^")):
-        xs = [100 * t["expected"] for t in table]
-        ys = [100 * t["merged"] for t in table]
-        ax.scatter(xs, ys, marker=marker, label=column)
-        for t, x, y in zip(table, xs, ys) if k == 0 else ():  # names once: the points pair up
-            ax.annotate(t["merge"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([0, 100], [0, 100], color="grey", linestyle="--", linewidth=1, label="merged = expected")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("expected (P1 + P2) / 2 (%)")
-    ax.set_ylabel("merged (%)")
-    ax.set_title("merges: expected vs actual accuracy")
-    ax.legend(fontsize="small")
-    figure.savefig(path)
-
-
-def _plot_loss(curves: Mapping[str, Sequence], path: pathlib.Path) -> None:
-    figure = _figure(7.0, 4.0)
-    ax = figure.subplots()
-    for name, points in curves.items():
-        steps, losses = zip(*points)
-        ax.plot(steps, losses, label=name, linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    figure.savefig(path)
 
 
 def _check_curves(curves: Mapping[str, Sequence]) -> dict[str, list[tuple[float, float]]]:
@@ -202,36 +264,44 @@ def _check_curves(curves: Mapping[str, Sequence]) -> dict[str, list[tuple[float,
 
 # --- the report --------------------------------------------------------------------------------
 
-def _markdown(rows, tables, curves, config, timings, machine, failures=None) -> str:
+def _halves(rows: Sequence[Mapping]) -> str:
+    n = rows[0]["summary"].get("n", {}) if rows else {}
+    return ("The benchmark has two fixed halves (each question's `split`, by default from its id): "
+            f"settings are tuned on the **tune** half ({n.get('tune', '?')} questions); the "
+            f"**held-out** half ({n.get('held_out', '?')} questions) is never tuned on, so its "
+            "column shows whether a choice carries over.")
+
+
+def _markdown(rows, analysis, tables, curves, config, timings, machine, failures=None) -> str:
+    chance = analysis["chance"]
     parts = [
         "# dafast report",
         "",
-        "Accuracy (%) on the domain benchmark. *Generation*: the paper's protocol (greedy reply "
-        "after \"The correct answer is:\", read as a letter or True/False; unparseable replies "
-        "count as wrong). *Log-likelihood*: the choice whose continuation is most probable "
-        "(lm-evaluation-harness style). *Calibrated*: the same after subtracting each choice's "
-        "mean log-prob over the benchmark, so a model that prefers one letter whatever the "
-        "question scores chance (25% mc, 50% tf) and only knowledge lifts it above.",
+        "Accuracy (%) on the domain benchmark with 95% bootstrap intervals over questions "
+        "(10,000 resamples). Columns: *generation*, the paper's protocol (greedy reply after "
+        "\"The correct answer is:\", unparseable = wrong); *loglik*, the most probable letter or "
+        "True/False; *calibrated*, the same less each choice's mean log-prob, so a fixed letter "
+        "preference scores chance; *cloze*, each option's own text scored after the question stem "
+        "(per byte; tf by a calibrated True/False margin); *pmi*, cloze less each option's "
+        f"unconditional log-prob. Chance: mc {_percent(chance.get('mc'))}%, tf "
+        f"{_percent(chance.get('tf'))}%, overall {_percent(chance.get('overall'))}% (weighted).",
+        "",
+        _halves(rows),
         "",
     ]
     if failures:
         parts += ["## Failed", "", _table(["node", "why"], [[k, v] for k, v in failures.items()]),
                   ""]
-    parts += [
-        "## Accuracy: generation",
-        "",
-        _accuracy_table(rows, "generation"),
-        "",
-    ]
-    for column, title in (("loglik", "log-likelihood"), ("calibrated", "calibrated log-likelihood")):
-        if any(r["summary"].get(column) for r in rows):
-            parts += [f"## Accuracy: {title}", "", _accuracy_table(rows, column), ""]
     if rows:
+        parts += _headline(rows, analysis) + _degenerate(analysis)
         parts += ["![accuracy per variant](accuracy.png)", ""]
+    for column in analysis["columns"]:
+        parts += [f"## Accuracy: {_TITLES[column]}", "", _accuracy_table(rows, column, analysis), ""]
     if any(tables.values()):
         parts += ["## Synergy of merges", "",
                   "P1 is the trained parent, P2 the instruct model; improvement > 0 means the merge "
-                  "beats both parents.", ""]
+                  "beats both parents. Intervals: the three variants resampled jointly over "
+                  "questions.", ""]
         for column, table in tables.items():
             if table:
                 parts += [f"### {column}", "", _synergy_markdown(table), ""]
@@ -276,17 +346,20 @@ def write_report(
     machine: Mapping[str, object] | None = None,
     instruct: str | None = None,
     failures: Mapping[str, str] | None = None,
+    primary: str = "cloze",
 ) -> pathlib.Path:
     """Write the report for ``rows`` (see the module docstring) into ``out_dir``; return it.
 
     ``loss_curves``: name -> [(step, loss), ...]; ``timings``: step -> seconds; ``config`` and
     ``machine``: anything JSON-able; ``instruct``: the instruct variant's name for merges without
     ``parents`` (default: the row named "Instruct"); ``failures``: name -> why it has no
-    result (listed at the top of the report).
+    result (listed at the top of the report); ``primary``: the headline column (the report and
+    plots lead with it; the first column that ran when it did not).
     """
     _check_rows(rows)
     curves = _check_curves(loss_curves or {})
-    tables = {c: synergy_table(rows, column=c, instruct=instruct) for c in COLUMNS}
+    analysis = stats.analyse(rows, primary=primary, instruct=instruct)
+    tables = {c: synergy_table(rows, column=c, instruct=instruct) for c in analysis["columns"]}
     out = pathlib.Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -294,17 +367,17 @@ def write_report(
         with open(tmp / "results.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(csv_header())
-            writer.writerows(_csv_rows(rows))
+            writer.writerows(_csv_rows(rows, analysis))
         if rows:
-            _plot_accuracy(rows, tmp / "accuracy.png")
+            plot_accuracy(rows, analysis, tmp / "accuracy.png")
         if any(tables.values()):
-            _plot_synergy({c: t for c, t in tables.items() if t}, tmp / "synergy.png")
+            plot_synergy(tables, tmp / "synergy.png")
         if curves:
-            _plot_loss(curves, tmp / "loss.png")
-        markdown = _markdown(rows, tables, curves, config, timings, machine, failures)
+            plot_loss(curves, tmp / "loss.png")
+        markdown = _markdown(rows, analysis, tables, curves, config, timings, machine, failures)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
-        data = {"rows": list(rows), "failures": dict(failures or {}), "synergy": tables,
-                "loss_curves": curves,
+        data = {"rows": list(rows), "failures": dict(failures or {}), "statistics": analysis,
+                "synergy": tables, "loss_curves": curves,
                 "config": config, "timings": timings, "machine": machine}
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is for everyone to read

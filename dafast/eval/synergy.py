@@ -6,7 +6,9 @@ better parent (P_merged - max(P1, P2); positive = a capability neither parent ha
 parents' diversity |P1 - P2|. Scores are accuracies in [0, 1].
 
 Rows are the report's rows: ``{"variant": str, "parents": list[str], "summary": dict}`` with the
-summary of :func:`dafast.eval.runner.summarize`. A merge is a row named ``"<X>-SLERP"``: its
+summary of :func:`dafast.eval.runner.summarize`, and optionally ``"records"`` (the eval
+file's per-question records): then every measure carries a 95% interval, the three variants
+resampled jointly over questions (:func:`dafast.eval.stats.synergy_intervals`). A merge is a row named ``"<X>-SLERP"``: its
 parents are the row's ``parents`` when given (the trained variant X and the instruct model),
 else X and the instruct model named by the caller (default: the row named "Instruct").
 """
@@ -14,6 +16,8 @@ else X and the instruct model named by the caller (default: the row named "Instr
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from dafast.eval import stats
 
 MERGE_SUFFIX = "-SLERP"
 
@@ -67,7 +71,8 @@ def synergy_table(
 
     Entries: ``{"merge", "parent", "instruct", "p1", "p2", "merged", "expected",
     "improvement", "diversity", "vs_expected"}`` (p1 = the trained parent, p2 = instruct,
-    vs_expected = merged - expected). Merges whose parents have no score in ``column`` (e.g. no
+    vs_expected = merged - expected), and ``"intervals"``: measure -> (lo, hi) for improvement,
+    diversity, vs_expected, expected and merged, or None when a row has no records. Merges whose parents have no score in ``column`` (e.g. no
     log-likelihood column) are left out. A parent that is not among the rows is an error.
     """
     by_name = {row["variant"]: row for row in rows}
@@ -93,5 +98,18 @@ def synergy_table(
             "merged": merged, "expected": expected(p1, p2),
             "improvement": improvement(merged, p1, p2), "diversity": diversity(p1, p2),
             "vs_expected": merged - expected(p1, p2),
+            "intervals": _intervals([by_name[parent], by_name[base], row], column, group),
         })
     return table
+
+
+def _intervals(rows: Sequence[dict], column: str, group: str) -> dict | None:
+    """Joint bootstrap intervals of the measures from the rows' records (None without them)."""
+    if not all(row.get("records") for row in rows):
+        return None
+    members = stats.in_group(rows[-1]["records"], group)
+    ids = [r["id"] for r in members]
+    arrays = [stats.outcomes(row["records"], column, ids) for row in rows]
+    if not ids or any(a is None for a in arrays):
+        return None
+    return stats.synergy_intervals(*arrays)
