@@ -3,6 +3,7 @@
 // Only c10's CUDA headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which
 // CI's toolkit lacks, and CI syntax-checks this file against the CPU wheel's headers.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -212,6 +213,11 @@ struct CudaLogprobs {
   // The CUDA fold does not write probabilities back (and is not yet measured on a GPU): the
   // backward recomputes the tiles there, and with_dhidden is refused.
   static constexpr bool kDhiddenInForward = false;
+  // Nothing may wait for the device while a CUDA graph is captured: the rows are masked then.
+  static bool may_sync() {
+    return !mask_rows_forced() && c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                                      c10::cuda::CaptureStatus::None;
+  }
   static void forward_fold(const LogprobsForwardTile& tile) {
     const cudaError_t err =
         linear_logprobs_forward_fold_cuda(tile, c10::cuda::getCurrentCUDAStream());
@@ -226,7 +232,7 @@ struct CudaLogprobs {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats,
     bool with_dhidden) {
@@ -240,13 +246,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
 std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_cuda(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index, int64_t token_chunk,
-    int64_t vocab_chunk, bool hidden_grad, bool weight_grad) {
+    int64_t vocab_chunk, bool hidden_grad, bool weight_grad, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK_VALUE(hidden.is_cuda(),
                     "dafast.linear_logprobs_backward: expected CUDA tensors, got ", hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   return linear_logprobs_backward_op<CudaLogprobs>(grad_logp, hidden, weight, targets, lse,
                                                    ignore_index, token_chunk, vocab_chunk,
-                                                   hidden_grad, weight_grad);
+                                                   hidden_grad, weight_grad, rows);
 }
 
 // ---- swiglu -------------------------------------------------------------------------------
