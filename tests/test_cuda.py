@@ -51,6 +51,19 @@ def test_slerp_past_one_grid(dtype, aligned):
     assert_as_accurate_as_reference(slerp(a, b, 0.3), a, b, 0.3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_slerp_equally_misaligned_operands_write_in_packs(dtype):
+    """a, b and out one element past a 16-byte boundary: a scalar head, then packs."""
+    from test_slerp import assert_as_accurate_as_reference
+
+    a, b, out = (misaligned(BIG, dtype) for _ in range(3))
+    slerp(a, b, 0.3, out=out)
+    assert_as_accurate_as_reference(out, a, b, 0.3)
+    few = [misaligned(5, dtype) for _ in range(3)]  # shorter than the head
+    slerp(few[0], few[1], 0.3, out=few[2])
+    assert_as_accurate_as_reference(few[2], few[0], few[1], 0.3)
+
+
 def test_merge_of_a_real_size_tensor():
     """An 8B MLP projection pair (14336 x 4096 bf16), as dafast.merge streams it: same answer
     on the GPU as the CPU kernel."""
