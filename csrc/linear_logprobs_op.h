@@ -92,6 +92,16 @@ struct LogprobsRows {
   }
 };
 
+// The `count` true positions of `valid`. nonzero_static needs no synchronisation (the count is
+// known); a torch without it for this device gets nonzero, one more wait.
+inline at::Tensor positions_of(const at::Tensor& valid, int64_t count) {
+  try {
+    return at::nonzero_static(valid, count).squeeze(1);
+  } catch (const c10::NotImplementedError&) {
+    return valid.nonzero().squeeze(1);
+  }
+}
+
 // DAFAST_LOGPROBS_MASK_ROWS=1 takes the masked path (below) on any device, so that the tests
 // reach on the CPU what otherwise runs only inside a CUDA graph capture.
 inline bool mask_rows_forced() {
@@ -129,7 +139,7 @@ inline LogprobsRows select_rows(const at::Tensor& hidden, const at::Tensor& targ
       const int64_t* c = counts.const_data_ptr<int64_t>();
       if (c[1] > 0) refuse_bad_target(targets, bad, vocab, ignore_index);
       rows.count = c[0];
-      if (rows.count < n) rows.index = at::nonzero_static(valid, rows.count).squeeze(1);
+      if (rows.count < n) rows.index = positions_of(valid, rows.count);
     } else {
       at::_assert_async(bad.any().logical_not(),
                         "dafast.linear_logprobs: targets must be in [0, V) or equal ignore_index");
@@ -198,7 +208,6 @@ struct LogprobsTiles {
     }
   }
 };
-
 
 inline at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
