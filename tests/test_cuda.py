@@ -109,6 +109,18 @@ def test_lora_large_rank_many_rows_within_peft_error(rank, dtype, lora_dtype):
         assert max_err(a, e) <= 2 * max_err(b, e) + ulp, (name, max_err(a, e), max_err(b, e))
 
 
+def test_lora_wide_output_reads_dy_in_row_blocks():
+    """40000 outputs at r 64: the backward's row-product partials would pass 32 MiB at 4099
+    rows, so dY is read in three row blocks (dB summed over them): still within PEFT's error."""
+    from test_lora import max_err, peft_layer, run_all
+
+    layer = peft_layer(64, 40000, 64, torch.bfloat16, torch.float32, device="cuda")
+    ours, theirs, exact = run_all(layer, (4099,), 64, torch.bfloat16, device="cuda")
+    for name, a, b, e in zip(("y", "dx", "dA", "dB"), ours, theirs, exact):
+        ulp = max(torch.finfo(a.dtype).eps, 1e-5) * e.abs().max().item()
+        assert max_err(a, e) <= 2 * max_err(b, e) + ulp, (name, max_err(a, e), max_err(b, e))
+
+
 def test_lora_expand_past_the_grid_y_cap():
     """More than 65535 row tiles of 16: the expand kernel's row loop runs twice."""
     rows = 65535 * 16 + 4099
