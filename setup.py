@@ -4,7 +4,8 @@
 
 Knobs (environment variables):
     DAFAST_SKIP_CUDA=1      build the CPU kernels only, even with a CUDA torch and nvcc
-    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0+PTX": sm_80 and
+                            sm_90 code, and PTX that newer GPUs compile when they load it)
     MAX_JOBS                parallel compile jobs (default: cores, capped by free memory)
 
 The CUDA build is chosen by `torch.version.cuda` and nvcc, not by a visible GPU: build
@@ -59,7 +60,8 @@ def extension():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # Without PTX a GPU newer than sm_90 finds "no kernel image"; with it the driver JIT-compiles.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cap_parallel_jobs(gib_per_job=3.0)
     sources += relative([CSRC / "ops_cuda.cpp", *(CSRC / "cuda").glob("*.cu")])
     return CUDAExtension(

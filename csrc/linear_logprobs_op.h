@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -55,21 +57,22 @@ inline void check_linear_logprobs_inputs(const at::Tensor& hidden, const at::Ten
 }
 
 // A wrong target would read past W or silently train on garbage: refuse it with its position.
-// One host synchronisation on CUDA.
-inline void check_targets_in_range(const at::Tensor& targets, int64_t vocab, int64_t ignore_index) {
-  const at::Tensor bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab));
-  if (!bad.any().item<bool>()) return;
+inline void refuse_bad_target(const at::Tensor& targets, const at::Tensor& bad, int64_t vocab,
+                              int64_t ignore_index) {
   const int64_t where = bad.nonzero()[0][0].item<int64_t>();
   TORCH_CHECK_VALUE(false, "dafast.linear_logprobs: targets must be in [0, V) = [0, ", vocab,
                     ") or equal ignore_index (", ignore_index, "), got targets[", where, "] = ",
                     targets[where].item<int64_t>());
 }
 
-// The tokens whose target is not ignored, ready for the GEMMs: no GEMM ever sees an ignored row.
+// The tokens whose target is not ignored, ready for the GEMMs. Selected (the usual case): no
+// GEMM ever sees an ignored row. Masked (while a CUDA graph is captured, when nothing may wait
+// for the device): every row is computed, and the ignored ones are zeroed in the results.
 struct LogprobsRows {
-  at::Tensor index;    // [count] positions in [0, N); undefined when every row counts
+  at::Tensor index;    // [count] positions in [0, N); undefined when every row is computed
   at::Tensor hidden;   // [count, H] in the GEMM dtype, contiguous
   at::Tensor targets;  // [count] int64, contiguous
+  at::Tensor valid;    // [N] bool when masked, else undefined
   int64_t count = 0;
 
   at::Tensor select(const at::Tensor& per_token) const {  // [N] -> [count]
@@ -78,17 +81,97 @@ struct LogprobsRows {
   at::Tensor scatter(const at::Tensor& rows, at::Tensor full) const {  // [count, *] -> [N, *]
     return index.defined() ? full.index_copy_(0, index, rows) : full.copy_(rows);
   }
+  at::Tensor mask(const at::Tensor& per_token) const {  // [N] or [N, *]: 0 where ignored
+    if (!valid.defined()) return per_token;
+    const at::Tensor v = per_token.dim() == 1 ? valid : valid.unsqueeze(1);
+    return at::where(v, per_token, at::zeros({}, per_token.options()));
+  }
+  // What the forward returns for the backward: the positions, or all N when every row counts.
+  at::Tensor positions(int64_t n, const at::TensorOptions& options) const {
+    return index.defined() ? index : at::arange(n, options.dtype(at::kLong));
+  }
 };
 
+// The `count` true positions of `valid`. nonzero_static needs no synchronisation (the count is
+// known); a torch without it for this device gets nonzero, one more wait.
+inline at::Tensor positions_of(const at::Tensor& valid, int64_t count) {
+  try {
+    return at::nonzero_static(valid, count).squeeze(1);
+  } catch (const c10::NotImplementedError&) {
+    return valid.nonzero().squeeze(1);
+  }
+}
+
+// DAFAST_LOGPROBS_MASK_ROWS=1 takes the masked path (below) on any device, so that the tests
+// reach on the CPU what otherwise runs only inside a CUDA graph capture.
+inline bool mask_rows_forced() {
+  const char* v = std::getenv("DAFAST_LOGPROBS_MASK_ROWS");
+  return v != nullptr && v[0] == '1';
+}
+
+// Checks the targets and picks the rows. `known` is the forward's positions (the backward
+// passes them on): no check and no synchronisation then, the forward did both. Else one host
+// synchronisation on CUDA (the row count and the bad-target count travel together;
+// nonzero_static then needs none), or none when may_sync is false: the check is then a
+// device-side assert (fatal to the CUDA context, without the position) and the rows are masked.
 inline LogprobsRows select_rows(const at::Tensor& hidden, const at::Tensor& targets,
-                                int64_t ignore_index, at::ScalarType gemm_dtype) {
+                                int64_t vocab, int64_t ignore_index, at::ScalarType gemm_dtype,
+                                bool may_sync, const std::optional<at::Tensor>& known) {
   LogprobsRows rows;
-  const at::Tensor index = (targets != ignore_index).nonzero().squeeze(1);
-  rows.count = index.size(0);
-  if (rows.count < hidden.size(0)) rows.index = index;
+  const int64_t n = hidden.size(0);
+  const at::Tensor valid = targets != ignore_index;
+  if (known.has_value() && known->defined()) {
+    TORCH_CHECK_VALUE(known->dim() == 1 && known->scalar_type() == at::kLong &&
+                          known->size(0) <= n && known->device() == targets.device(),
+                      "dafast.linear_logprobs_backward: rows must be the forward's int64 "
+                      "positions [count <= N] on ", targets.device(), ", got ", known->sizes());
+    rows.count = known->size(0);
+    // All N positions: the forward computed every row (masked, or none ignored).
+    if (rows.count < n) {
+      rows.index = *known;
+    } else {
+      rows.valid = valid;
+    }
+  } else {
+    const at::Tensor bad = valid & ((targets < 0) | (targets >= vocab));
+    if (may_sync) {
+      const at::Tensor counts = at::stack({valid.sum(), bad.sum()}).cpu();
+      const int64_t* c = counts.const_data_ptr<int64_t>();
+      if (c[1] > 0) refuse_bad_target(targets, bad, vocab, ignore_index);
+      rows.count = c[0];
+      if (rows.count < n) rows.index = positions_of(valid, rows.count);
+    } else {
+      at::_assert_async(bad.any().logical_not(),
+                        "dafast.linear_logprobs: targets must be in [0, V) or equal ignore_index");
+      rows.count = n;
+      rows.valid = valid;
+    }
+  }
   rows.hidden = rows.select(hidden).to(gemm_dtype).contiguous();
-  rows.targets = rows.select(targets).contiguous();
+  // A masked row's target may be anything (ignore_index): 0 keeps every gather in range.
+  rows.targets = rows.valid.defined() ? targets.masked_fill(rows.valid.logical_not(), 0).contiguous()
+                                      : rows.select(targets).contiguous();
   return rows;
+}
+
+// One cuBLAS call with beta = 1 where torch takes an fp32 `self` with half operands; older torch
+// CUDA builds require self to have the operands' dtype and refuse before launching anything, so
+// the refusal is caught once and every later call takes the fallback: the product in fp32
+// (one more [rows, cols] buffer), then an add. DAFAST_ADDMM_FALLBACK=1 forces the fallback
+// (tests run both paths).
+inline void accumulate_mixed(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  static std::atomic<bool> fused_refused{false};
+  const char* force = std::getenv("DAFAST_ADDMM_FALLBACK");
+  const bool forced = force != nullptr && force[0] == '1';
+  if (!forced && !fused_refused.load(std::memory_order_relaxed)) {
+    try {
+      at::addmm_out(acc, acc, a, b, at::kFloat);
+      return;
+    } catch (const c10::Error&) {
+      fused_refused.store(true, std::memory_order_relaxed);
+    }
+  }
+  acc.add_(at::mm(a, b, at::kFloat));
 }
 
 // A Backend (CpuLogprobs in ops.cpp, CudaLogprobs in ops_cuda.cpp) provides the two folds, the
@@ -121,7 +204,7 @@ struct LogprobsTiles {
     if (a.scalar_type() == at::kFloat) {
       acc.addmm_(a, b);
     } else {
-      at::addmm_out(acc, acc, a, b, at::kFloat);
+      accumulate_mixed(acc, a, b);
     }
   }
 };
@@ -130,30 +213,33 @@ inline at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// Returns (logp [N], lse [N], stats [3 or 0, N], dlogp_dhidden [N, H] or [0]): the last is
-// d logp_i / d hidden_i = W[t_i] - sum_v p_iv W_v in fp32 (0 for ignored tokens) when with_dhidden
-// is set (Backends with kDhiddenInForward only); see dafast/linear_logprobs.h.
+// Returns (logp [N], lse [N], stats [3 or 0, N], dlogp_dhidden [N, H] or [0], rows [count]):
+// dlogp_dhidden is d logp_i / d hidden_i = W[t_i] - sum_v p_iv W_v in fp32 (0 for ignored tokens)
+// when with_dhidden is set (Backends with kDhiddenInForward only), see dafast/linear_logprobs.h;
+// rows are the positions computed, which the backward takes instead of selecting them again.
+// Backend::may_sync(): whether the host may wait for the device here (see select_rows).
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats,
     bool with_dhidden) {
   check_linear_logprobs_inputs(hidden, weight, targets, token_chunk, vocab_chunk);
   TORCH_CHECK_VALUE(Backend::kDhiddenInForward || !with_dhidden, "dafast.linear_logprobs: "
                     "with_dhidden is implemented on the CPU only, not on ", hidden.device());
-  check_targets_in_range(targets, weight.size(0), ignore_index);
   const int64_t n = hidden.size(0), vocab_size = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::zeros({n}, f32);
   at::Tensor lse = at::zeros({n}, f32);
   at::Tensor stats = at::zeros({with_stats ? 3 : 0, n}, f32);
   const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
-  const LogprobsRows rows = select_rows(hidden, targets, ignore_index, gemm_dtype);
+  const LogprobsRows rows = select_rows(hidden, targets, vocab_size, ignore_index, gemm_dtype,
+                                        Backend::may_sync(), std::nullopt);
+  const at::Tensor positions = rows.positions(n, targets.options());
   // Allocated only here when some rows are ignored; else it is the running sum below, in place.
   at::Tensor dhidden = with_dhidden && rows.count < n ? at::zeros(hidden.sizes(), f32)
                                                       : at::empty({0}, f32);
   if (rows.count == 0) {
-    return {logp, lse, stats, with_dhidden ? at::zeros(hidden.sizes(), f32) : dhidden};
+    return {logp, lse, stats, with_dhidden ? at::zeros(hidden.sizes(), f32) : dhidden, positions};
   }
 
   const LogprobsTiles<Backend> tiles(hidden, rows.count, vocab_size, token_chunk, vocab_chunk);
@@ -188,26 +274,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_op(
   }
   const at::Tensor row_lse = state[0] + state[1].log();
   rows.scatter(row_lse, lse);
-  rows.scatter(state[2] - row_lse, logp);
+  rows.scatter(rows.mask(state[2] - row_lse), logp);
   if (with_stats) {
     const at::Tensor entropy = row_lse - state[3] / state[1];
     const at::Tensor mean_logit = state[4] / static_cast<double>(vocab_size);
     const at::Tensor top1 = at::logical_and(state[2] >= state[0], state[2] > state[5]).to(at::kFloat);
-    rows.scatter(at::stack({entropy, mean_logit, top1}, 1), stats.t());
+    rows.scatter(rows.mask(at::stack({entropy, mean_logit, top1}, 1)), stats.t());
   }
   if (with_dhidden) {
     // W[t] - expected / sum_exp, in place.
     expected.div_(state[1].unsqueeze(1)).neg_().add_(w.index_select(0, rows.targets));
-    dhidden = rows.count < n ? rows.scatter(expected, dhidden) : expected;
+    dhidden = rows.count < n ? rows.scatter(expected, dhidden) : rows.mask(expected);
   }
-  return {logp, lse, stats, dhidden};
+  return {logp, lse, stats, dhidden, positions};
 }
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_op(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index, int64_t token_chunk,
-    int64_t vocab_chunk, bool hidden_grad, bool weight_grad) {
+    int64_t vocab_chunk, bool hidden_grad, bool weight_grad,
+    const std::optional<at::Tensor>& forward_rows) {
   constexpr const char* op = "dafast.linear_logprobs_backward: ";
   check_linear_logprobs_inputs(hidden, weight, targets, token_chunk, vocab_chunk);
   const int64_t n = hidden.size(0), vocab_size = weight.size(0);
@@ -219,19 +306,19 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_op(
     TORCH_CHECK_VALUE(t->device() == hidden.device(), op, name, " must be on ", hidden.device(),
                       ", got ", t->device());
   }
-  check_targets_in_range(targets, vocab_size, ignore_index);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor grad_hidden = hidden_grad ? at::zeros(hidden.sizes(), hidden.options())
                                        : at::empty({0}, hidden.options());
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (!hidden_grad && !weight_grad) return {grad_hidden, grad_weight};
   const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
-  const LogprobsRows rows = select_rows(hidden, targets, ignore_index, gemm_dtype);
+  const LogprobsRows rows = select_rows(hidden, targets, vocab_size, ignore_index, gemm_dtype,
+                                        Backend::may_sync(), forward_rows);
   // dW accumulates in fp32 over every token chunk; it is the result itself for fp32 weights.
   at::Tensor dw = weight_grad ? at::zeros(weight.sizes(), f32) : at::Tensor();
   if (rows.count > 0) {
     const LogprobsTiles<Backend> tiles(hidden, rows.count, vocab_size, token_chunk, vocab_chunk);
-    const at::Tensor g = rows.select(grad_logp).contiguous();
+    const at::Tensor g = rows.mask(rows.select(grad_logp)).contiguous();
     const at::Tensor row_lse = rows.select(lse).contiguous();
     at::Tensor dh = hidden_grad ? at::zeros({rows.count, hidden.size(1)}, f32) : at::Tensor();
     const at::Tensor buffer = at::empty({tiles.tokens * tiles.vocab}, f32);

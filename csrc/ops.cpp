@@ -33,18 +33,19 @@ TORCH_LIBRARY(dafast, m) {
   m.def("lora_linear_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor lora_a, "
         "Tensor lora_b, Tensor? xa, float scale, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
   // Per-token log p(target | hidden) under the head `weight` without the [N, V] logits. Returns
-  // (logp [N], lse [N], stats [3, N] or [0, N], dlogp_dhidden [N, H] or [0]); stats rows:
+  // (logp [N], lse [N], stats [3, N] or [0, N], dlogp_dhidden [N, H] or [0], rows [count]: the
+  // positions computed, for the backward's `rows`, so that it need not select them); stats rows:
   // entropy, mean logit, target is top-1; with_dhidden (CPU only): d logp_i / d hidden_i in
   // fp32, so that a frozen head's backward needs no GEMM. Chunk sizes 0 pick the device's
   // defaults. See dafast/ops/linear_logprobs.py.
   m.def("linear_logprobs(Tensor hidden, Tensor weight, Tensor targets, int ignore_index=-100, "
         "int token_chunk=0, int vocab_chunk=0, bool with_stats=False, bool with_dhidden=False) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of sum(grad_logp * logp) for hidden and weight; a gradient not asked for comes back
   // as an empty tensor, and dW (the LoRA case: a frozen head) is then never computed.
   m.def("linear_logprobs_backward(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor targets, "
         "Tensor lse, int ignore_index, int token_chunk, int vocab_chunk, bool hidden_grad, "
-        "bool weight_grad) -> (Tensor, Tensor)");
+        "bool weight_grad, Tensor? rows=None) -> (Tensor, Tensor)");
   // silu(gate) * up, the gated activation of Llama-family MLPs; the autograd formula saves gate
   // and up, and the backward returns (grad_gate, grad_up) from one pass.
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
@@ -77,6 +78,7 @@ struct CpuLogprobs {
   static constexpr bool kGemmInFp32 = true;  // bf16/fp16 GEMMs are several times slower on CPUs
   // GEMMs bound the CPU's time: a frozen head's step takes two (forward, sum p W) instead of three.
   static constexpr bool kDhiddenInForward = true;
+  static bool may_sync() { return !mask_rows_forced(); }
   static void forward_fold(const LogprobsForwardTile& tile) { linear_logprobs_forward_fold_cpu(tile); }
   static void backward_fold(const LogprobsBackwardTile& tile) { linear_logprobs_backward_fold_cpu(tile); }
 };

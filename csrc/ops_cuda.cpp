@@ -3,6 +3,8 @@
 // Only c10's CUDA headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which
 // CI's toolkit lacks, and CI syntax-checks this file against the CPU wheel's headers.
 #include <ATen/ATen.h>
+#include <algorithm>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -72,6 +74,9 @@ using SlerpCuda = SlerpOps<slerp_sums_into_cuda, slerp_write_cuda>;
 //   backward: one read of dY gives dB = s dY^T xa and dXA = s dY B (thin kernel, both products);
 //             one read of x gives dA = dXA^T x; dx = dXA A (expand), then dx += dY W (beta = 1).
 // The thin kernels were compiled, not run, when written (no GPU at hand): untuned.
+
+// The row product's partial sums in the backward stay under this (see there).
+constexpr int64_t kMaxRowPartialBytes = int64_t(32) << 20;
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "dafast.lora_linear: ", what, " failed: ", cudaGetErrorString(err));
@@ -149,33 +154,56 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   const int sms = sm_count(grad_y.get_device());
   const auto f32 = grad_y.options().dtype(at::kFloat);
 
-  // One read of dY: column product with xa (dB), row product with B (dXA).
-  const LoraThinPlan plan = lora_thin_plan(s.rows, s.out_features, s.rank, sms);
-  at::Tensor col_partial = need_b ? at::empty({plan.splits, s.out_features, s.rank}, f32) : at::Tensor();
-  at::Tensor row_partial =
-      (need_x || need_a) ? at::empty({plan.col_groups, s.rows, s.rank}, f32) : at::Tensor();
-  check_launch(lora_thin_products(
-                   plan, kernel_dtype(grad_y.scalar_type()), grad_y.const_data_ptr(), s.rows,
-                   s.out_features, s.rank,
-                   need_b ? kernel_dtype(xa.scalar_type()) : DType::kFloat32,
-                   need_b ? xa.const_data_ptr() : nullptr,
-                   need_b ? col_partial.mutable_data_ptr<float>() : nullptr,
-                   kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(),
-                   row_partial.defined() ? row_partial.mutable_data_ptr<float>() : nullptr, stream),
-               "dY^T xa and dY B");
-  if (need_b) {
-    check_launch(lora_sum_partials(col_partial.const_data_ptr<float>(), plan.splits,
-                                   s.out_features * s.rank, static_cast<float>(scale),
-                                   kernel_dtype(grad_b.scalar_type()), grad_b.mutable_data_ptr(),
-                                   stream),
-                 "dB (sum)");
+  // One read of dY: column product with xa (dB), row product with B (dXA). The row product's
+  // partials take col_groups * rows * rank floats (131 MB for a LoRA'd 128k-entry head at 8k
+  // tokens): dY is read in row blocks whose partials stay under kMaxRowPartialBytes, and dB's
+  // per-block sums add up in fp32 before one rounding.
+  const bool need_rows = need_x || need_a;
+  const int64_t per_row =
+      lora_thin_plan(1, s.out_features, s.rank, sms).col_groups * s.rank * int64_t(sizeof(float));
+  const int64_t fitting = std::max<int64_t>(16, kMaxRowPartialBytes / per_row / 16 * 16);
+  const int64_t block_rows = need_rows ? std::min(fitting, s.rows) : s.rows;
+  const bool blocked = block_rows < s.rows;
+  at::Tensor dxa = need_rows ? at::empty({s.rows, s.rank}, f32) : at::Tensor();
+  at::Tensor db = need_b && blocked ? at::zeros({s.out_features, s.rank}, f32) : at::Tensor();
+  for (int64_t r0 = 0; r0 < s.rows; r0 += block_rows) {
+    const int64_t nr = std::min(block_rows, s.rows - r0);
+    const LoraThinPlan plan = lora_thin_plan(nr, s.out_features, s.rank, sms);
+    at::Tensor col_partial =
+        need_b ? at::empty({plan.splits, s.out_features, s.rank}, f32) : at::Tensor();
+    at::Tensor row_partial = need_rows ? at::empty({plan.col_groups, nr, s.rank}, f32) : at::Tensor();
+    check_launch(lora_thin_products(
+                     plan, kernel_dtype(grad_y.scalar_type()), grad_y.narrow(0, r0, nr).const_data_ptr(),
+                     nr, s.out_features, s.rank,
+                     need_b ? kernel_dtype(xa.scalar_type()) : DType::kFloat32,
+                     need_b ? xa.narrow(0, r0, nr).const_data_ptr() : nullptr,
+                     need_b ? col_partial.mutable_data_ptr<float>() : nullptr,
+                     kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(),
+                     need_rows ? row_partial.mutable_data_ptr<float>() : nullptr, stream),
+                 "dY^T xa and dY B");
+    if (need_b && !blocked) {
+      check_launch(lora_sum_partials(col_partial.const_data_ptr<float>(), plan.splits,
+                                     s.out_features * s.rank, static_cast<float>(scale),
+                                     kernel_dtype(grad_b.scalar_type()), grad_b.mutable_data_ptr(),
+                                     stream),
+                   "dB (sum)");
+    } else if (need_b) {
+      at::Tensor db_block = at::empty({s.out_features, s.rank}, f32);
+      check_launch(lora_sum_partials(col_partial.const_data_ptr<float>(), plan.splits,
+                                     s.out_features * s.rank, 1.0f, DType::kFloat32,
+                                     db_block.mutable_data_ptr(), stream),
+                   "dB (block sum)");
+      db.add_(db_block);
+    }
+    if (need_rows) {
+      check_launch(lora_sum_partials(row_partial.const_data_ptr<float>(), plan.col_groups,
+                                     nr * s.rank, static_cast<float>(scale), DType::kFloat32,
+                                     dxa.narrow(0, r0, nr).mutable_data_ptr(), stream),
+                   "dXA (sum)");
+    }
   }
-  if (!need_x && !need_a) return;
-  at::Tensor dxa = at::empty({s.rows, s.rank}, f32);
-  check_launch(lora_sum_partials(row_partial.const_data_ptr<float>(), plan.col_groups,
-                                 s.rows * s.rank, static_cast<float>(scale), DType::kFloat32,
-                                 dxa.mutable_data_ptr(), stream),
-               "dXA (sum)");
+  if (db.defined()) grad_b.copy_(db.mul_(scale));
+  if (!need_rows) return;
   if (need_a) {  // dA^T = x^T dXA: the column product over one read of x
     const LoraThinPlan plan_x = lora_thin_plan(s.rows, s.in_features, s.rank, sms);
     at::Tensor col_x = at::empty({plan_x.splits, s.in_features, s.rank}, f32);
@@ -212,6 +240,11 @@ struct CudaLogprobs {
   // The CUDA fold does not write probabilities back (and is not yet measured on a GPU): the
   // backward recomputes the tiles there, and with_dhidden is refused.
   static constexpr bool kDhiddenInForward = false;
+  // Nothing may wait for the device while a CUDA graph is captured: the rows are masked then.
+  static bool may_sync() {
+    return !mask_rows_forced() && c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                                      c10::cuda::CaptureStatus::None;
+  }
   static void forward_fold(const LogprobsForwardTile& tile) {
     const cudaError_t err =
         linear_logprobs_forward_fold_cuda(tile, c10::cuda::getCurrentCUDAStream());
@@ -226,7 +259,7 @@ struct CudaLogprobs {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     int64_t ignore_index, int64_t token_chunk, int64_t vocab_chunk, bool with_stats,
     bool with_dhidden) {
@@ -240,13 +273,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_cuda(
 std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_cuda(
     const at::Tensor& grad_logp, const at::Tensor& hidden, const at::Tensor& weight,
     const at::Tensor& targets, const at::Tensor& lse, int64_t ignore_index, int64_t token_chunk,
-    int64_t vocab_chunk, bool hidden_grad, bool weight_grad) {
+    int64_t vocab_chunk, bool hidden_grad, bool weight_grad, const std::optional<at::Tensor>& rows) {
   TORCH_CHECK_VALUE(hidden.is_cuda(),
                     "dafast.linear_logprobs_backward: expected CUDA tensors, got ", hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   return linear_logprobs_backward_op<CudaLogprobs>(grad_logp, hidden, weight, targets, lse,
                                                    ignore_index, token_chunk, vocab_chunk,
-                                                   hidden_grad, weight_grad);
+                                                   hidden_grad, weight_grad, rows);
 }
 
 // ---- swiglu -------------------------------------------------------------------------------

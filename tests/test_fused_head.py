@@ -227,9 +227,10 @@ PREFERENCES = [
 
 def train(trainer_cls, config_cls, dataset, model, use_dafast, tmp_path, **config):
     fused_head.use_in_trl(use_dafast)
+    config.setdefault("use_cpu", True)  # tests/test_cuda.py passes use_cpu=False
     try:
         args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
-                          learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
+                          learning_rate=1e-2, logging_steps=1, report_to="none",
                           save_strategy="no", seed=0, disable_tqdm=True, **config)
         extra = {"ref_model": copy.deepcopy(model)} if trainer_cls is trl.DPOTrainer else {}
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset,

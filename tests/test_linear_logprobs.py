@@ -91,8 +91,8 @@ def test_dhidden_in_forward_matches_float64(dtype):
     """with_dhidden (CPU): d logp_i / d hidden_i, which is the gradient of sum(logp) for hidden
     (each logp_i depends on hidden_i alone); 0 for ignored tokens; logp unchanged."""
     hidden, weight, targets = make_inputs(300, 5003, dtype, "cpu")
-    logp, _, _, dhidden = torch.ops.dafast.linear_logprobs(hidden, weight, targets, -100, 100,
-                                                            333, False, True)
+    logp, _, _, dhidden, _ = torch.ops.dafast.linear_logprobs(hidden, weight, targets, -100, 100,
+                                                               333, False, True)
     assert dhidden.dtype == torch.float32 and dhidden.shape == hidden.shape
     torch.testing.assert_close(logp, linear_logprobs(hidden, weight, targets), rtol=1e-6, atol=0)
     exact_h, _ = golden_grads(hidden, weight, targets, torch.ones(300))
@@ -287,3 +287,67 @@ def test_reference_switch_routes_to_reference(monkeypatch):
     with dafast.kernels("reference"):
         torch.testing.assert_close(linear_logprobs(hidden, weight, targets), native)
     assert calls == [1]
+
+
+def _step(hidden, weight, targets, ignore_index=-100, **kw):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, stats = linear_logprobs(h, w, targets, ignore_index, return_stats=True, **kw)
+    (logp * torch.linspace(-1, 2, logp.shape[0], device=logp.device)).sum().backward()
+    return logp.detach(), stats, h.grad, w.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ignore_index", [-100, 7])  # 7: an ignored target inside [0, V)
+def test_masked_rows_path_matches_selected(device, ignore_index, monkeypatch):
+    """The path a CUDA graph capture takes (every row computed, ignored ones zeroed), forced by
+    DAFAST_LOGPROBS_MASK_ROWS, gives the selected path's results."""
+    hidden, weight, targets = make_inputs(301, 1000, torch.float32, device, ignore_every=0)
+    targets[1::4] = ignore_index
+    selected = _step(hidden, weight, targets, ignore_index, chunk_size=64, vocab_chunk_size=300)
+    monkeypatch.setenv("DAFAST_LOGPROBS_MASK_ROWS", "1")
+    masked = _step(hidden, weight, targets, ignore_index, chunk_size=64, vocab_chunk_size=300)
+    assert (masked[0][targets == ignore_index] == 0).all()
+    assert (masked[1].entropy[targets == ignore_index] == 0).all()
+    for a, b in zip((selected[0], *selected[1], *selected[2:]), (masked[0], *masked[1], *masked[2:])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_positions_serve_the_backward(device):
+    hidden, weight, targets = make_inputs(50, 300, torch.float32, device)
+    *_, rows = torch.ops.dafast.linear_logprobs(hidden, weight, targets)
+    assert torch.equal(rows, (targets != -100).nonzero().squeeze(1))
+    lse = torch.ops.dafast.linear_logprobs(hidden, weight, targets)[1]
+    g = torch.randn(50, device=device)
+    args = (g, hidden, weight, targets, lse, -100, 0, 0, True, True)
+    with_rows = torch.ops.dafast.linear_logprobs_backward(*args, rows)
+    without = torch.ops.dafast.linear_logprobs_backward(*args)
+    for a, b in zip(with_rows, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    all_rows = torch.ops.dafast.linear_logprobs(hidden, weight, targets.clamp(min=0))[4]
+    assert torch.equal(all_rows, torch.arange(50, device=device))
+    with pytest.raises(ValueError, match="rows must be the forward's int64 positions"):
+        torch.ops.dafast.linear_logprobs_backward(*args, rows.int())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_target_position_on_every_device(device):
+    """The check runs on the device, the message still names the position (one wait)."""
+    hidden, weight, targets = make_inputs(10, 100, torch.float32, device)
+    targets[6] = 100
+    with pytest.raises(ValueError, match=r"got targets\[6\] = 100"):
+        linear_logprobs(hidden, weight, targets)
+
+
+def test_fake_refuses_with_dhidden_off_the_cpu():
+    """torch.compile traces with the fake: it refuses what linear_logprobs_op.h refuses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with FakeTensorMode(shape_env=ShapeEnv()):  # the positions' count is data-dependent
+        hidden, weight = torch.empty(4, 8, device="cuda"), torch.empty(5, 8, device="cuda")
+        targets = torch.zeros(4, dtype=torch.long, device="cuda")
+        with pytest.raises(ValueError, match="with_dhidden is implemented on the CPU only, not "
+                                             "on cuda:0"):
+            torch.ops.dafast.linear_logprobs(hidden, weight, targets, -100, 0, 0, False, True)
+        assert torch.ops.dafast.linear_logprobs(hidden, weight, targets)[0].shape == (4,)

@@ -264,3 +264,47 @@ def test_device_mismatch_is_refused():
     with pytest.raises(TypeError, match="float64 is supported on the CPU only"):
         lora_linear(*(t.double().cuda() for t in (torch.randn(4, 16), weight)), None,
                     lora_a.double().cuda(), lora_b.double().cuda(), 1.0)
+
+
+def _rounding_models(x, weight, bias, lora_a, lora_b, scale):
+    """y as the module docstring says each device rounds it, from fp64 math: xa in A's dtype,
+    then one rounding of the sum (CPU) or two, of b + s xa B^T and then of the sum (CUDA)."""
+    x64, w64, b64 = x.double(), weight.double(), bias.double()
+    xa = (x64 @ lora_a.double().t()).to(lora_a.dtype).double()
+    lora = b64 + scale * (xa @ lora_b.double().t())
+    once = (x64 @ w64.t() + lora).to(x.dtype)
+    twice = (lora.to(x.dtype).double() + x64 @ w64.t()).to(x.dtype)
+    return once, twice
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_rounds_as_the_docstring_says(device, dtype):
+    # K = 256 keeps cuBLAS off split-K; a LoRA term as large as the base one makes the second
+    # rounding visible in many elements.
+    x = torch.randn(300, 256, device=device).to(dtype)
+    weight = (torch.randn(192, 256, device=device) / 16).to(dtype)
+    bias = torch.randn(192, device=device).to(dtype)
+    lora_a = (torch.randn(16, 256, device=device) / 16).to(dtype)
+    lora_b = torch.randn(192, 16, device=device).to(dtype)
+    y = lora_linear(x, weight, bias, lora_a, lora_b, 2.0)
+    once, twice = _rounding_models(x, weight, bias, lora_a, lora_b, 2.0)
+    own, other = (once, twice) if device == "cpu" else (twice, once)
+    agree_own = (y == own).float().mean().item()
+    agree_other = (y == other).float().mean().item()
+    assert agree_own >= 0.99 and agree_other < agree_own - 0.02, (agree_own, agree_other)
+
+
+def test_fake_refuses_float64_on_cuda_as_the_kernel_does():
+    """torch.compile traces with the fake: it must refuse what the CUDA kernel refuses
+    (the kernel's own refusal, with this message, is in tests/test_cuda.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        f64 = dict(device="cuda", dtype=torch.float64)
+        args = (torch.empty(4, 8, **f64), torch.empty(5, 8, **f64), None,
+                torch.empty(2, 8, **f64), torch.empty(5, 2, **f64), 1.0)
+        with pytest.raises(TypeError, match="float64 is supported on the CPU only"):
+            torch.ops.dafast.lora_linear(*args)
+        cpu = [None if t is None or isinstance(t, float) else t.to("cpu") for t in args[:5]]
+        assert torch.ops.dafast.lora_linear(*cpu, 1.0)[0].shape == (4, 5)

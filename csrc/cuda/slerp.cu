@@ -4,7 +4,8 @@
 //      block to finish adds the partials in block order in double (deterministic for a given
 //      grid) and writes the three sums.
 //   2. slerp_write_kernel: each block derives the coefficients from the sums, then
-//      out = ca * a + cb * b with 16-byte vector loads and stores.
+//      out = ca * a + cb * b with 16-byte vector loads and stores (from the first 16-byte
+//      boundary common to a, b and out; the sums pass still needs a and b aligned).
 // Raw pointers and cudaStream_t only: nvcc compiles this file without torch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -132,7 +133,8 @@ slerp_reduce_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 slerp_write_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out,
-                   int64_t n, const double* __restrict__ sums, SlerpParams params) {
+                   int64_t n, int64_t head, const double* __restrict__ sums,
+                   SlerpParams params) {
   __shared__ float coef[2];
   if (threadIdx.x == 0) {
     slerp_coefficients(SlerpSums{sums[0], sums[1], sums[2]}, params, &coef[0], &coef[1]);
@@ -142,17 +144,20 @@ slerp_write_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restri
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 
+  // Packs from the first common 16-byte boundary (see common_head), single elements around.
   constexpr int V = Pack<T>::kSize;
-  const int64_t n_vec = (aligned16(a) && aligned16(b) && aligned16(out)) ? n / V : 0;
-  for (int64_t i = first; i < n_vec; i += stride) {
-    const Pack<T> pa = reinterpret_cast<const Pack<T>*>(a)[i];
-    const Pack<T> pb = reinterpret_cast<const Pack<T>*>(b)[i];
+  const PackedRange r(n, head, V);
+  const int64_t s = r.pack_start;
+  for (int64_t i = first; i < r.n_packs; i += stride) {
+    const Pack<T> pa = reinterpret_cast<const Pack<T>*>(a + s)[i];
+    const Pack<T> pb = reinterpret_cast<const Pack<T>*>(b + s)[i];
     Pack<T> po;
 #pragma unroll
     for (int j = 0; j < V; ++j) po.v[j] = from_float<T>(fmaf(ca, to_float(pa.v[j]), cb * to_float(pb.v[j])));
-    reinterpret_cast<Pack<T>*>(out)[i] = po;
+    reinterpret_cast<Pack<T>*>(out + s)[i] = po;
   }
-  for (int64_t i = n_vec * V + first; i < n; i += stride) {
+  for (int64_t j = first; j < r.n_scalar; j += stride) {
+    const int64_t i = r.scalar_index(j);
     out[i] = from_float<T>(fmaf(ca, to_float(a[i]), cb * to_float(b[i])));
   }
 }
@@ -177,7 +182,8 @@ cudaError_t launch_write(const void* a, const void* b, void* out, int64_t n, con
                          SlerpParams params, int max_blocks, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   slerp_write_kernel<T><<<grid_size(n, Pack<T>::kSize, max_blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), n, sums, params);
+      static_cast<const T*>(a), static_cast<const T*>(b), static_cast<T*>(out), n,
+      common_head<T>({a, b, out}, n), sums, params);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,7 @@
 // CUDA SwiGLU (see dafast/swiglu.h): elementwise, memory-bound. Each thread of a grid-stride
-// loop handles one 16-byte pack of every operand (4 fp32 or 8 bf16/fp16 values) when all
-// pointers are 16-byte aligned; a scalar loop covers the tail (and unaligned views).
+// loop handles one 16-byte pack of every operand (4 fp32 or 8 bf16/fp16 values); a scalar loop
+// covers the elements before the first common 16-byte boundary and the tail (and everything
+// when the operands are not equally misaligned, see common_head).
 // Raw pointers and cudaStream_t only: nvcc compiles this file without torch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,18 +32,20 @@ __device__ __forceinline__ T forward_value(T g, T u) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 swiglu_forward_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ h,
-                      int64_t n, bool vectorised) {
+                      int64_t n, int64_t head) {
   constexpr int V = Pack<T>::kSize;
-  const int64_t n_vec = vectorised ? n / V : 0;
-  for (int64_t p = first_index(); p < n_vec; p += grid_stride()) {
-    const Pack<T> gp = reinterpret_cast<const Pack<T>*>(g)[p];
-    const Pack<T> up = reinterpret_cast<const Pack<T>*>(u)[p];
+  const PackedRange r(n, head, V);
+  const int64_t s = r.pack_start;
+  for (int64_t p = first_index(); p < r.n_packs; p += grid_stride()) {
+    const Pack<T> gp = reinterpret_cast<const Pack<T>*>(g + s)[p];
+    const Pack<T> up = reinterpret_cast<const Pack<T>*>(u + s)[p];
     Pack<T> hp;
 #pragma unroll
     for (int k = 0; k < V; ++k) hp.v[k] = forward_value(gp.v[k], up.v[k]);
-    reinterpret_cast<Pack<T>*>(h)[p] = hp;
+    reinterpret_cast<Pack<T>*>(h + s)[p] = hp;
   }
-  for (int64_t i = n_vec * V + first_index(); i < n; i += grid_stride()) {
+  for (int64_t j = first_index(); j < r.n_scalar; j += grid_stride()) {
+    const int64_t i = r.scalar_index(j);
     h[i] = forward_value(g[i], u[i]);
   }
 }
@@ -60,20 +63,22 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 swiglu_backward_kernel(const T* __restrict__ dh, const T* __restrict__ g,
                        const T* __restrict__ u, T* __restrict__ dg, T* __restrict__ du,
-                       int64_t n, bool vectorised) {
+                       int64_t n, int64_t head) {
   constexpr int V = Pack<T>::kSize;
-  const int64_t n_vec = vectorised ? n / V : 0;
-  for (int64_t p = first_index(); p < n_vec; p += grid_stride()) {
-    const Pack<T> dhp = reinterpret_cast<const Pack<T>*>(dh)[p];
-    const Pack<T> gp = reinterpret_cast<const Pack<T>*>(g)[p];
-    const Pack<T> up = reinterpret_cast<const Pack<T>*>(u)[p];
+  const PackedRange r(n, head, V);
+  const int64_t s = r.pack_start;
+  for (int64_t p = first_index(); p < r.n_packs; p += grid_stride()) {
+    const Pack<T> dhp = reinterpret_cast<const Pack<T>*>(dh + s)[p];
+    const Pack<T> gp = reinterpret_cast<const Pack<T>*>(g + s)[p];
+    const Pack<T> up = reinterpret_cast<const Pack<T>*>(u + s)[p];
     Pack<T> dgp, dup;
 #pragma unroll
     for (int k = 0; k < V; ++k) backward_values(dhp.v[k], gp.v[k], up.v[k], &dgp.v[k], &dup.v[k]);
-    reinterpret_cast<Pack<T>*>(dg)[p] = dgp;
-    reinterpret_cast<Pack<T>*>(du)[p] = dup;
+    reinterpret_cast<Pack<T>*>(dg + s)[p] = dgp;
+    reinterpret_cast<Pack<T>*>(du + s)[p] = dup;
   }
-  for (int64_t i = n_vec * V + first_index(); i < n; i += grid_stride()) {
+  for (int64_t j = first_index(); j < r.n_scalar; j += grid_stride()) {
+    const int64_t i = r.scalar_index(j);
     backward_values(dh[i], g[i], u[i], dg + i, du + i);
   }
 }
@@ -88,9 +93,9 @@ template <typename T>
 cudaError_t launch_forward(const void* g, const void* u, void* h, int64_t n, int max_blocks,
                            cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const bool vectorised = aligned16(g) && aligned16(u) && aligned16(h);
+  const int64_t head = common_head<T>({g, u, h}, n);
   swiglu_forward_kernel<T><<<grid_size(n, Pack<T>::kSize, max_blocks), kThreads, 0, stream>>>(
-      static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(h), n, vectorised);
+      static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(h), n, head);
   return cudaGetLastError();
 }
 
@@ -98,11 +103,10 @@ template <typename T>
 cudaError_t launch_backward(const void* dh, const void* g, const void* u, void* dg, void* du,
                             int64_t n, int max_blocks, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const bool vectorised =
-      aligned16(dh) && aligned16(g) && aligned16(u) && aligned16(dg) && aligned16(du);
+  const int64_t head = common_head<T>({dh, g, u, dg, du}, n);
   swiglu_backward_kernel<T><<<grid_size(n, Pack<T>::kSize, max_blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(dh), static_cast<const T*>(g), static_cast<const T*>(u),
-      static_cast<T*>(dg), static_cast<T*>(du), n, vectorised);
+      static_cast<T*>(dg), static_cast<T*>(du), n, head);
   return cudaGetLastError();
 }
 

@@ -27,6 +27,12 @@ hand, and saves it ([N, H] fp32); the backward is then one multiply. Two GEMMs p
 of three (forward, recompute, dHidden). The forward does this whenever hidden will need a
 gradient and the weight will not.
 
+Host synchronisation (CUDA): the forward waits for the device once, for the number of tokens
+that count (and of bad targets, checked on the device); it returns their positions, and the
+backward reuses them without waiting. While a CUDA graph is being captured nothing may wait: all
+N rows are computed and the ignored ones zeroed, and a bad target fails a device-side assert
+(without its position, and fatal to the CUDA context) instead of raising ValueError.
+
 The reference is the unfused path: logits = hidden @ weight.T in the input dtype, then
 log_softmax in float32 (float64 for float64 inputs) and a gather.
 """
@@ -125,7 +131,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     # See the module docstring: a frozen head's hidden gradient, computed in the forward (CPU).
     with_dhidden = (hidden.device.type == "cpu" and torch.is_grad_enabled()
                     and hidden.requires_grad and not weight.requires_grad)
-    logp, _, stats, _ = torch.ops.dafast.linear_logprobs(
+    logp, _, stats, _, _ = torch.ops.dafast.linear_logprobs(
         hidden, weight, targets, int(ignore_index), token_chunk, vocab_chunk, return_stats,
         with_dhidden)
     if not return_stats:
@@ -139,39 +145,46 @@ if extension_loaded():
     def _linear_logprobs_fake(hidden, weight, targets, ignore_index=-100, token_chunk=0,
                               vocab_chunk=0, with_stats=False, with_dhidden=False):
         _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
+        if with_dhidden and hidden.device.type != "cpu":  # as linear_logprobs_op.h refuses it
+            raise ValueError(f"{_OP}with_dhidden is implemented on the CPU only, not on "
+                             f"{hidden.device}")
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32)
+        # The positions computed: as many as are not ignored (or all N): data-dependent.
+        count = torch.library.get_ctx().new_dynamic_size()
         return (hidden.new_empty(n, **f32), hidden.new_empty(n, **f32),
                 hidden.new_empty((3 if with_stats else 0, n), **f32),
-                hidden.new_empty(hidden.shape if with_dhidden else (0,), **f32))
+                hidden.new_empty(hidden.shape if with_dhidden else (0,), **f32),
+                targets.new_empty(count))
 
     @torch.library.register_fake("dafast::linear_logprobs_backward")
     def _linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, lse, ignore_index,
-                                       token_chunk, vocab_chunk, hidden_grad, weight_grad):
+                                       token_chunk, vocab_chunk, hidden_grad, weight_grad,
+                                       rows=None):
         _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
         return (hidden.new_empty(hidden.shape if hidden_grad else (0,)),
                 weight.new_empty(weight.shape if weight_grad else (0,)))
 
     def _setup_context(ctx, inputs, output):
         hidden, weight, targets, ignore_index, token_chunk, vocab_chunk, _, with_dhidden = inputs
-        _, lse, stats, dhidden = output
-        ctx.save_for_backward(hidden, weight, targets, lse, dhidden)
+        _, lse, stats, dhidden, rows = output
+        ctx.save_for_backward(hidden, weight, targets, lse, dhidden, rows)
         ctx.config = (ignore_index, token_chunk, vocab_chunk)
         ctx.with_dhidden = with_dhidden
-        ctx.mark_non_differentiable(lse, stats, dhidden)
+        ctx.mark_non_differentiable(lse, stats, dhidden, rows)
         ctx.set_materialize_grads(False)
 
-    def _backward(ctx, grad_logp, _grad_lse, _grad_stats, _grad_dhidden):
+    def _backward(ctx, grad_logp, _grad_lse, _grad_stats, _grad_dhidden, _grad_rows):
         hidden_grad, weight_grad = ctx.needs_input_grad[:2]
         if grad_logp is None or not (hidden_grad or weight_grad):
             return (None,) * 8
-        hidden, weight, targets, lse, dhidden = ctx.saved_tensors
+        hidden, weight, targets, lse, dhidden, rows = ctx.saved_tensors
         if ctx.with_dhidden and not weight_grad:
             grad_hidden = (grad_logp.float().unsqueeze(1) * dhidden).to(hidden.dtype)
             return (grad_hidden, None, None, None, None, None, None, None)
         grad_hidden, grad_weight = torch.ops.dafast.linear_logprobs_backward(
             grad_logp.float().contiguous(), hidden, weight, targets, lse, *ctx.config,
-            hidden_grad, weight_grad)
+            hidden_grad, weight_grad, rows)
         return (grad_hidden if hidden_grad else None, grad_weight if weight_grad else None,
                 None, None, None, None, None, None)
 

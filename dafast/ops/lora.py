@@ -13,9 +13,12 @@ Autograd: gradients for x, A and B. W and b are frozen in LoRA training; if they
 grad, their gradients are computed too (plain PyTorch, not fused). The forward saves only x and
 xa = x A^T (x only if A trains, xa only if B trains); dx is skipped when x needs no grad.
 
-The native kernels (csrc/cpu/lora.cpp, csrc/cuda/lora.cu + csrc/ops_cuda.cpp) accumulate the
-LoRA product onto the base GEMM's output, so y is written once, and compute in fp32: the result
-is PEFT's up to rounding (one rounding of the sum instead of PEFT's two, in half precision).
+The native kernels (csrc/cpu/lora.cpp, csrc/cuda/lora.cu + csrc/ops_cuda.cpp) compute in fp32
+and differ from PEFT only by rounding. Both round xa = x A^T to A's dtype, as PEFT's lora_B sees
+it. In half precision PEFT then rounds the base output, the LoRA product, its scaled copy and the
+sum; the CPU kernel rounds once more (the sum); the CUDA path twice: the expand kernel writes
+b + s xa B^T in y's dtype, then cuBLAS adds x W^T onto it (beta = 1, fp32 accumulation) and
+rounds the sum, one rounding more for writing y once.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ if extension_loaded():
     @torch.library.register_fake("dafast::lora_linear")
     def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
         _check_inputs(x, weight, bias, lora_a, lora_b, scale)
+        if x.dtype == torch.float64 and x.device.type == "cuda":  # as ops_cuda.cpp refuses it
+            raise TypeError(f"dafast.lora_linear: float64 is supported on the CPU only (for "
+                            f"gradcheck), got a float64 tensor on {x.device}")
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         xa = x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
         return y, xa
