@@ -62,22 +62,24 @@ def build_dataset(kind: str, tokenizer):
     return Dataset.from_list(rows)
 
 
-def build_step(kind: str, role: str, caching_allocator: bool | None = None):
+def build_step(kind: str, role: str, caching_allocator: bool | None = None,
+               finetune: str = "lora"):
     """The trainer's step function and the number of tokens a step processes. The dafast role
     also turns dafast's caching CPU allocator on, as the stages do (process-wide, until
-    dafast.memory.disable(); caching_allocator=False leaves it off)."""
+    dafast.memory.disable(); caching_allocator=False leaves it off). finetune="full" trains
+    every weight instead of LoRA adapters (the default recipe's CPT)."""
     from dafast.models import default_model_dir
 
     dafast.fused_head.use_in_trl(role == "dafast")
     settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
-    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32),
+    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), finetune=finetune,
                     activation_checkpointing=CHECKPOINTING, **{kind: settings})
     module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
     model, tokenizer = base.load_model(default_model_dir(), torch.float32)
     arguments = base.trainer_arguments(recipe, recipe.stage(kind), Path("/tmp/dafast-bench-train"))
     trainer = module.build_trainer(kind, recipe.stage(kind), model, tokenizer,
                                    build_dataset(kind, tokenizer), arguments,
-                                   base.peft_config(recipe), [])
+                                   base.peft_config(recipe, kind), [])
     if trainer.args.activation_checkpointing:  # as Trainer.train does
         trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
     if role == "dafast":
@@ -102,14 +104,14 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None):
     return step, tokens
 
 
-def peak_rss_mib(kind: str, role: str,
-                 caching_allocator: bool | None = None) -> tuple[float, float]:
+def peak_rss_mib(kind: str, role: str, caching_allocator: bool | None = None,
+                 finetune: str = "lora") -> tuple[float, float]:
     """(peak RSS, peak minus the RSS once the trainer is built) of a fresh process, MiB."""
     code = (PEAK_MIB_CODE + "import sys\n"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "from test_train import build_step\n"
             "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
-            f"step, _ = build_step({kind!r}, {role!r}, {caching_allocator!r})\n"
+            f"step, _ = build_step({kind!r}, {role!r}, {caching_allocator!r}, {finetune!r})\n"
             "built = rss()\nstep()\n"
             "peak = peak_mib()\n"
             "print(peak, peak - built)")
@@ -143,6 +145,24 @@ def test_stage_step(benchmark, kind, role):
                 peak, _ = peak_rss_mib(kind, role, caching_allocator=False)
                 benchmark.extra_info["peak_rss_MiB_system_allocator"] = peak
     assert losses == losses  # a finite loss, not NaN
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_cpt_step_full_finetuning_vs_lora(benchmark, finetune):
+    """The CPT step (packed corpus chunks) with every weight trained, as the default recipe's
+    CPT does, against the LoRA step it replaced: the price of full fine-tuning per step."""
+    step, tokens = build_step("sft", "dafast", finetune=finetune)
+    benchmark.group = f"cpt step SmolLM2-135M full vs LoRA r16 fp32 {BATCH}x{SEQ}"
+    benchmark.extra_info["finetune"] = finetune
+    losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    dafast.memory.disable()
+    if benchmark.stats is not None:
+        benchmark.extra_info["tokens_per_s"] = round(tokens / benchmark.stats.stats.median, 1)
+        if not torch.cuda.is_available():
+            peak, above = peak_rss_mib("sft", "dafast", finetune=finetune)
+            benchmark.extra_info["peak_rss_MiB"] = peak
+            benchmark.extra_info["step_rss_MiB"] = above
+    assert losses == losses
 
 
 def test_sft_step_interleaved(benchmark):

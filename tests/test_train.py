@@ -247,7 +247,7 @@ def test_sft_batches_group_conversations_by_length(tiny_model, tmp_path):
         dataset = module.build_dataset("sft", recipe.sft, tokenizer)
         trainer = module.build_trainer("sft", recipe.sft, model, tokenizer, dataset,
                                        base.trainer_arguments(recipe, recipe.sft, tmp_path / "t"),
-                                       base.peft_config(recipe), [])
+                                       base.peft_config(recipe, "sft"), [])
         batches = list(trainer.get_train_dataloader())
         padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
         seen[grouped] = sorted(tuple(row[m.bool()].tolist()) for b in batches
@@ -267,7 +267,7 @@ def test_dpo_reference_is_the_starting_model(tiny_model, tmp_path):
     trainer = module.build_trainer("dpo", recipe.dpo, model, tokenizer,
                                    module.build_dataset("dpo", recipe.dpo, tokenizer),
                                    base.trainer_arguments(recipe, recipe.dpo, stage_dir),
-                                   base.peft_config(recipe), [base.MetricsLog(stage_dir / "m.jsonl")])
+                                   base.peft_config(recipe, "dpo"), [base.MetricsLog(stage_dir / "m.jsonl")])
     base.train(trainer, stage_dir)
     first = json.loads((stage_dir / "m.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
