@@ -50,12 +50,17 @@ def _encode(tokenizer, text: str) -> list[int]:
     return ids if bos is None else [bos] + ids
 
 
-def _continuation(tokenizer, context: str, text: str) -> list[int]:
-    """Tokens of ``text`` as they follow ``context`` (the joint encoding, cut after the context)."""
-    before = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + text, add_special_tokens=False)["input_ids"]
-    if whole[: len(before)] == before and len(whole) > len(before):
-        return whole[len(before):]
+def continuation_ids(tokenizer, prompt: str, text: str) -> list[int]:
+    """Tokens of ``text`` as they follow ``prompt``, split the way lm-evaluation-harness does.
+
+    Encoding prompt+text and cutting off the prompt's tokens keeps tokenizers that merge across
+    the boundary or add a prefix space (SentencePiece) honest; when the prompt's tokens are not
+    a prefix of the joint encoding, the text is encoded alone.
+    """
+    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+    if whole[: len(context)] == context and len(whole) > len(context):
+        return whole[len(context):]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -131,13 +136,13 @@ def cloze_scores(model, tokenizer, questions: Sequence[Question], pad_id: int,
     for i, q in enumerate(questions):
         choices = q.options if q.type == "mc" else {c: c for c in q.choices}
         for choice, text in choices.items():
-            conts.append((i, _continuation(tokenizer, texts[i], " " + text)))
+            conts.append((i, continuation_ids(tokenizer, texts[i], " " + text)))
             owners.append((i, choice))
             options.append(text)
     conditional = score_after(model, contexts, conts, pad_id, batch_size)
 
     unique = sorted({text for (i, _), text in zip(owners, options) if questions[i].type == "mc"})
-    bare = [(0, _continuation(tokenizer, UNCONDITIONAL, " " + text)) for text in unique]
+    bare = [(0, continuation_ids(tokenizer, UNCONDITIONAL, " " + text)) for text in unique]
     prior = dict(zip(unique, score_after(model, [_encode(tokenizer, UNCONDITIONAL)], bare,
                                          pad_id, batch_size))) if unique else {}
 

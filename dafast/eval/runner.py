@@ -34,7 +34,7 @@ import torch
 
 from dafast.eval.answers import continuations, encode_prompt, parse_answer, prompt_text
 from dafast.eval.benchmark import Question, load_benchmark
-from dafast.eval.cloze import cloze_answers, cloze_scores
+from dafast.eval.cloze import cloze_answers, cloze_scores, continuation_ids
 
 logger = logging.getLogger(__name__)
 
@@ -179,20 +179,6 @@ def _batch_inputs(rows: list[list[int]], shared: int, prefix, pad_id: int, devic
     return ids, mask, cache
 
 
-def _continuation_ids(tokenizer, prompt: str, text: str) -> list[int]:
-    """Tokens of ``text`` as they follow ``prompt``, split the way lm-evaluation-harness does.
-
-    Encoding prompt+text and cutting off the prompt's tokens keeps tokenizers that merge across
-    the boundary or add a prefix space (SentencePiece) honest; when the prompt's tokens are not
-    a prefix of the joint encoding, the text is encoded alone.
-    """
-    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
-    if whole[: len(context)] == context and len(whole) > len(context):
-        return whole[len(context):]
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _score_continuations(model, prompt: list[int], conts: list[list[int]], pad_id: int) -> list[float]:
     """Summed log p(continuation | prompt) for each continuation: one right-padded forward."""
     rows = [prompt + c for c in conts]
@@ -254,7 +240,7 @@ def evaluate(
     if loglik:
         for q in questions:
             text = prompt_text(tokenizer, q.question)
-            conts.append([_continuation_ids(tokenizer, text, c) for c in continuations(q.choices)])
+            conts.append([continuation_ids(tokenizer, text, c) for c in continuations(q.choices)])
 
     records: list[Record | None] = [None] * len(questions)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
