@@ -33,14 +33,11 @@ from torch.distributed.tensor import DTensor
 from trl.trainer import utils as trl_utils
 from trl.trainer.utils import FusedCausalLMOutput
 
-from dafast.ops.linear_logprobs import linear_logprobs
+from dafast.ops.linear_logprobs import LOGIT_TRANSFORMS, linear_logprobs
 
 # Trainers that build their models' fused head at construction time (`from .utils import ...`).
 TRL_TRAINER_MODULES = ("trl.trainer.sft_trainer", "trl.trainer.dpo_trainer")
 SUPPORTED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
-# Config attributes that change the logits in ways dafast's head does not reproduce.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
-                     "lm_head_multiplier", "logits_scaling")
 # Forward kwargs that leave a plain causal-LM forward (one text sequence per row, positions
 # 0..T-1, no cache) as it is. Any other kwarg with a value (position_ids, a cache, packed-sequence
 # boundaries, images, token types, ...) keeps the attention mask: see drop_right_padding_mask.
@@ -90,7 +87,7 @@ def drop_right_padding_mask(attention_mask, position_ids=None, targets=None, ign
 def _supported(model, outputs) -> bool:
     config = model.config.get_text_config()
     return (set(outputs) <= set(SUPPORTED_OUTPUTS)
-            and all(getattr(config, name, None) is None for name in _LOGIT_TRANSFORMS)
+            and all(getattr(config, name, None) is None for name in LOGIT_TRANSFORMS)
             and not getattr(config, "output_router_logits", False))
 
 

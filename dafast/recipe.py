@@ -149,6 +149,15 @@ class Recipe(Settings):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="training dtype "
                                                           "(auto: float32 on CPU, bfloat16 on GPU)")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="bf16: float32 "
+                                                            "weights and optimizer state, the "
+                                                            "forward and backward in bfloat16 "
+                                                            "under autocast (accelerate's mixed "
+                                                            "precision). auto: bf16 when the "
+                                                            "weights train in float32 on a CPU "
+                                                            "with native bfloat16 arithmetic "
+                                                            "(AVX512-BF16 or AMX), where its "
+                                                            "matmuls are faster; no elsewhere")
     activation_checkpointing: bool = Field(False, description="recompute each layer's activations "
                                          "in backward instead of keeping them: much less "
                                          "activation memory (large models, long sequences) for "
@@ -217,9 +226,27 @@ class Recipe(Settings):
 
         return "bfloat16" if torch.cuda.is_available() else "float32"
 
+    def autocast_bf16(self) -> bool:
+        """`mixed_precision` resolved: whether stages train under bfloat16 autocast."""
+        if self.mixed_precision != "auto":
+            return self.mixed_precision == "bf16"
+        import torch
+
+        return (self.training_dtype() == "float32" and not torch.cuda.is_available()
+                and cpu_has_native_bf16())
+
     def saved_dtype(self) -> str:
         """`save_dtype` resolved: auto keeps the training dtype."""
         return self.training_dtype() if self.save_dtype == "auto" else self.save_dtype
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (Linux: the avx512_bf16 or amx_bf16 flag)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class RecipeError(ValueError):

@@ -8,6 +8,7 @@ import torch
 from dafast.eval.benchmark import SPLITS, Question, load_benchmark, parse_benchmark, split_of
 from dafast.eval.cloze import CLOZE_TEMPLATE, cloze_answers, cloze_scores, score_after, stem
 from dafast.eval.runner import COLUMNS, evaluate, load_model
+from dafast.ops.linear_logprobs import lm_head_weight
 
 MC = Question("q1", "mc", "basic", True,
               "Which silk forms the capture spiral?\nA. Dragline silk\nB. Flagelliform silk\n"
@@ -29,10 +30,18 @@ def _plain_score(model, context: list[int], tokens: list[int]) -> float:
     return sum(logprobs[len(context) - 1 + j, t].item() for j, t in enumerate(tokens))
 
 
-def test_score_after_equals_a_plain_forward_of_each_pair(tiny_model):
+@pytest.mark.parametrize("head", ["linear_logprobs", "logits"])
+def test_score_after_equals_a_plain_forward_of_each_pair(tiny_model, head):
     """The batched path (left-padded contexts, cached and repeated, right-padded continuations)
-    scores exactly what one forward of each context + continuation does, whatever the batch."""
+    scores exactly what one forward of each context + continuation does, whatever the batch;
+    through linear_logprobs on the hidden states, and through the model's logits where the
+    head is not a plain linear map (a config with soft-capping, which Llama itself ignores)."""
     model, _ = load_model(tiny_model, device="cpu")
+    if head == "logits":
+        model.config.final_logit_softcapping = 30.0
+        assert lm_head_weight(model) is None
+    else:
+        assert lm_head_weight(model) is model.lm_head.weight
     generator = torch.Generator().manual_seed(0)
 
     def ids(n):

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from dafast.eval.benchmark import Question
+from dafast.ops.linear_logprobs import linear_logprobs, lm_head_weight
 
 CLOZE_TEMPLATE = "Question: {stem}\nAnswer:"
 UNCONDITIONAL = "Answer:"
@@ -84,18 +85,47 @@ def _right_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def _scoring_order(continuations: Sequence[tuple[int, list[int]]]) -> list[int]:
+    """Continuations grouped by context, the groups ordered by their longest continuation and
+    each group by length: a batch then holds few contexts and little padding."""
+    longest: dict[int, int] = {}
+    for context, tokens in continuations:
+        longest[context] = max(longest.get(context, 0), len(tokens))
+    return sorted(range(len(continuations)), key=lambda k: (
+        longest[continuations[k][0]], continuations[k][0], len(continuations[k][1])))
+
+
+def _last_states(model, head, last_only: bool = False, **inputs) -> torch.Tensor:
+    """What the head scores at every position (``last_only``: at the last one): the final
+    hidden states when ``head`` is the LM head's weight (the log-probabilities then come from
+    linear_logprobs, no logits held), else the logits."""
+    if head is not None:
+        states = model.get_decoder()(**inputs).last_hidden_state
+        return states[:, -1:] if last_only else states
+    return model(**inputs, logits_to_keep=1 if last_only else 0).logits
+
+
+def _target_logprobs(head, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i] | states[i]) for rows of :func:`_last_states`' output."""
+    if head is not None:
+        return linear_logprobs(states, head, targets)
+    return states.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
 def score_after(model, contexts: Sequence[list[int]], continuations: Sequence[tuple[int, list[int]]],
                 pad_id: int, batch_size: int = 64) -> list[float]:
     """Summed log p(tokens | contexts[i]) for every (i, tokens) in ``continuations``.
 
-    Continuations are taken ``batch_size`` at a time; the contexts they follow are run once per
-    batch (left-padded, KV cache kept), the cache is repeated per continuation, and the
-    continuations run after it right-padded. The first token of a continuation is scored by
-    the context's last logits, each later one by the logits before it."""
+    Continuations are taken ``batch_size`` at a time (see _scoring_order); the contexts they
+    follow are run once per batch (left-padded, KV cache kept), the cache is repeated per
+    continuation, and the continuations run after it right-padded. The first token of a
+    continuation is scored at its context's last position, each later one at the position
+    before it; only those positions reach the head."""
     from transformers.cache_utils import DynamicCache
 
     device = next(model.parameters()).device
-    order = sorted(range(len(continuations)), key=lambda k: continuations[k][0])
+    head = lm_head_weight(model)
+    order = _scoring_order(continuations)
     scores = [0.0] * len(continuations)
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
@@ -104,25 +134,30 @@ def score_after(model, contexts: Sequence[list[int]], continuations: Sequence[tu
         ctx_ids, ctx_mask = _left_pad([list(contexts[c]) for c in used], pad_id)
         positions = (ctx_mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
-        out = model(input_ids=ctx_ids.to(device), attention_mask=ctx_mask.to(device),
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True)
-        last = out.logits[:, -1].float().log_softmax(-1)  # [contexts, V]
+        context_last = _last_states(model, head, input_ids=ctx_ids.to(device),
+                                    attention_mask=ctx_mask.to(device),
+                                    position_ids=positions.to(device), past_key_values=cache,
+                                    use_cache=True, last_only=True)[:, -1]
         rows = [slot[continuations[k][0]] for k in batch]
         cache.batch_select_indices(torch.tensor(rows, device=device))
-        cont_ids, cont_mask = _right_pad([continuations[k][1] for k in batch], pad_id)
+        tokens = [continuations[k][1] for k in batch]
+        cont_ids, cont_mask = _right_pad(tokens, pad_id)
         lengths = ctx_mask.sum(1)[rows]
         cont_positions = lengths[:, None] + torch.arange(cont_ids.shape[1])[None]
-        mask = torch.cat([ctx_mask[rows], cont_mask], 1)
-        logits = model(input_ids=cont_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=cont_positions.to(device), past_key_values=cache,
-                       use_cache=True).logits.float().log_softmax(-1)
+        states = _last_states(model, head, input_ids=cont_ids.to(device),
+                              attention_mask=torch.cat([ctx_mask[rows], cont_mask], 1).to(device),
+                              position_ids=cont_positions.to(device), past_key_values=cache,
+                              use_cache=True)
+        # Token j of a continuation is predicted at its position j - 1 (j = 0: the context's end).
+        later = cont_mask.clone()
+        later[torch.arange(len(batch)), cont_mask.sum(1) - 1] = 0
+        scored = torch.cat([context_last[rows], states[later.bool().to(device)]])
+        targets = torch.cat([cont_ids[:, 0], cont_ids[:, 1:][later[:, :-1].bool()]]).to(device)
+        owner = torch.cat([torch.arange(len(batch)), later[:, :-1].nonzero()[:, 0]]).to(device)
+        totals = torch.zeros(len(batch), dtype=torch.float64, device=device)
+        totals.index_add_(0, owner, _target_logprobs(head, scored, targets).double())
         for row, k in enumerate(batch):
-            tokens = continuations[k][1]
-            total = last[rows[row], tokens[0]].item()
-            if len(tokens) > 1:
-                later = torch.tensor(tokens[1:], device=device)
-                total += logits[row, torch.arange(len(tokens) - 1, device=device), later].sum().item()
-            scores[k] = total
+            scores[k] = totals[row].item()
     return scores
 
 

@@ -47,6 +47,21 @@ from dafast._native import extension_loaded, use_native
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "dafast.linear_logprobs: "
+# Config attributes that change a model's logits beyond hidden @ weight.T.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                    "lm_head_multiplier", "logits_scaling")
+
+
+def lm_head_weight(model) -> torch.Tensor | None:
+    """The weight [V, H] of a causal LM's head when its logits are exactly
+    ``last_hidden_state @ weight.T`` (what linear_logprobs computes), else None: a head with a
+    bias, logit soft-capping or logit scaling (Gemma 2, Granite, Cohere, ...)."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config()
+    if (not isinstance(head, torch.nn.Linear) or head.bias is not None
+            or any(getattr(config, name, None) is not None for name in LOGIT_TRANSFORMS)):
+        return None
+    return head.weight
 
 
 class LogprobStats(NamedTuple):

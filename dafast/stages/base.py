@@ -91,7 +91,7 @@ def trainer_arguments(recipe: Recipe, settings: StageSettings, stage_dir: Path) 
         train_sampling_strategy=settings.sampling_strategy(),
         seed=recipe.seed,
         data_seed=recipe.seed,
-        bf16=dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16 or recipe.autocast_bf16(),
         activation_checkpointing=recipe.activation_checkpointing,  # TRL defaults it to True
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=recipe.logging_steps,
