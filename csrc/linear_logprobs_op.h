@@ -175,8 +175,10 @@ inline void accumulate_mixed(at::Tensor& acc, const at::Tensor& a, const at::Ten
 }
 
 // A Backend (CpuLogprobs in ops.cpp, CudaLogprobs in ops_cuda.cpp) provides the two folds, the
-// default tile shape, and kGemmInFp32: whether the GEMMs run on fp32 copies of the operands (the
-// CPU, where bf16 GEMMs are slow) or on the inputs' dtype with fp32 output (CUDA tensor cores).
+// default tile shape, gemm_dtype(input dtype): the dtype the GEMMs' operands take (fp32 copies,
+// or the inputs' own half dtype where the hardware multiplies it fast), and kFp32OutputGemm:
+// whether a GEMM of half operands writes fp32 directly (cuBLAS) or its half product is widened
+// (the CPU, where ATen has no mixed-output GEMM).
 template <class Backend>
 struct LogprobsTiles {
   int64_t tokens, vocab;
@@ -186,7 +188,7 @@ struct LogprobsTiles {
                 int64_t vocab_chunk)
       : tokens(std::min(token_chunk > 0 ? token_chunk : Backend::kTokenChunk, rows)),
         vocab(std::min(vocab_chunk > 0 ? vocab_chunk : Backend::kVocabChunk, vocab_size)),
-        gemm_dtype(Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type()) {}
+        gemm_dtype(Backend::gemm_dtype(hidden.scalar_type())) {}
 
   at::Tensor weight_chunk(const at::Tensor& weight, int64_t start, int64_t cols) const {
     return weight.narrow(0, start, cols).to(gemm_dtype).contiguous();
@@ -195,16 +197,22 @@ struct LogprobsTiles {
   static void logits(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     if (a.scalar_type() == at::kFloat) {
       at::mm_out(out, a, b.t());
-    } else {
+    } else if (Backend::kFp32OutputGemm) {
       at::mm_out(out, a, b.t(), at::kFloat);
+    } else {
+      out.copy_(at::mm(a, b.t()));
     }
   }
-  // acc (fp32) += a @ b, without rounding the product to a's dtype
+  // acc (fp32) += a @ b; a is cast to b's dtype first. The product is not rounded to the half
+  // dtype where the backend has an fp32-output GEMM.
   static void accumulate(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
-    if (a.scalar_type() == at::kFloat) {
-      acc.addmm_(a, b);
+    const at::Tensor lhs = a.scalar_type() == b.scalar_type() ? a : a.to(b.scalar_type());
+    if (b.scalar_type() == at::kFloat) {
+      acc.addmm_(lhs, b);
+    } else if (Backend::kFp32OutputGemm) {
+      accumulate_mixed(acc, lhs, b);
     } else {
-      accumulate_mixed(acc, a, b);
+      acc.add_(at::mm(lhs, b));
     }
   }
 };
@@ -231,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lo
   at::Tensor logp = at::zeros({n}, f32);
   at::Tensor lse = at::zeros({n}, f32);
   at::Tensor stats = at::zeros({with_stats ? 3 : 0, n}, f32);
-  const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
+  const at::ScalarType gemm_dtype = Backend::gemm_dtype(hidden.scalar_type());
   const LogprobsRows rows = select_rows(hidden, targets, vocab_size, ignore_index, gemm_dtype,
                                         Backend::may_sync(), std::nullopt);
   const at::Tensor positions = rows.positions(n, targets.options());
@@ -311,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_op(
                                        : at::empty({0}, hidden.options());
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (!hidden_grad && !weight_grad) return {grad_hidden, grad_weight};
-  const at::ScalarType gemm_dtype = Backend::kGemmInFp32 ? at::kFloat : hidden.scalar_type();
+  const at::ScalarType gemm_dtype = Backend::gemm_dtype(hidden.scalar_type());
   const LogprobsRows rows = select_rows(hidden, targets, vocab_size, ignore_index, gemm_dtype,
                                         Backend::may_sync(), forward_rows);
   // dW accumulates in fp32 over every token chunk; it is the result itself for fp32 weights.
@@ -322,10 +330,11 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_op(
     const at::Tensor row_lse = rows.select(lse).contiguous();
     at::Tensor dh = hidden_grad ? at::zeros({rows.count, hidden.size(1)}, f32) : at::Tensor();
     const at::Tensor buffer = at::empty({tiles.tokens * tiles.vocab}, f32);
-    // The gradient tile is written in place over the logits when the GEMMs run in fp32.
+    // The gradient tile is written in place over the logits when the GEMMs run in fp32, or
+    // when the fold writes fp32 only (the CPU; accumulate casts it to the GEMM dtype).
+    const bool fold_in_place = gemm_dtype == at::kFloat || !Backend::kFoldWritesHalf;
     const at::Tensor grad_buffer =
-        gemm_dtype == at::kFloat ? buffer
-                                 : at::empty({tiles.tokens * tiles.vocab}, f32.dtype(gemm_dtype));
+        fold_in_place ? buffer : at::empty({tiles.tokens * tiles.vocab}, f32.dtype(gemm_dtype));
     const at::Tensor w = weight.contiguous();
     for (int64_t v0 = 0; v0 < vocab_size; v0 += tiles.vocab) {
       const int64_t cols = std::min(tiles.vocab, vocab_size - v0);
@@ -337,11 +346,13 @@ std::tuple<at::Tensor, at::Tensor> linear_logprobs_backward_op(
         const at::Tensor dz = tile_view(grad_buffer, nr, cols);
         tiles.logits(z, h_chunk, w_chunk);
         Backend::backward_fold(LogprobsBackwardTile{
-            z.data_ptr<float>(), dz.data_ptr(), to_kernel_dtype(gemm_dtype), nr, cols, cols, v0,
+            z.data_ptr<float>(), dz.data_ptr(),
+            to_kernel_dtype(fold_in_place ? at::kFloat : gemm_dtype), nr, cols, cols, v0,
             rows.targets.data_ptr<int64_t>() + r0, row_lse.data_ptr<float>() + r0,
             g.data_ptr<float>() + r0});
-        if (hidden_grad) tiles.accumulate(dh.narrow(0, r0, nr), dz, w_chunk);
-        if (weight_grad) tiles.accumulate(dw.narrow(0, v0, cols), dz.t(), h_chunk);
+        const at::Tensor dz_gemm = dz.scalar_type() == tiles.gemm_dtype ? dz : dz.to(tiles.gemm_dtype);
+        if (hidden_grad) tiles.accumulate(dh.narrow(0, r0, nr), dz_gemm, w_chunk);
+        if (weight_grad) tiles.accumulate(dw.narrow(0, v0, cols), dz_gemm.t(), h_chunk);
       }
     }
     if (hidden_grad) rows.scatter(dh.to(hidden.scalar_type()), grad_hidden);

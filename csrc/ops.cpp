@@ -4,6 +4,7 @@
 // (CUDA builds only).
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/cpu/Utils.h>
 
 #include "cpu/caching_allocator.h"
 #include "cpu/kernels.h"
@@ -71,11 +72,33 @@ void slerp_write_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 
 using SlerpCpu = SlerpOps<slerp_sums_into_cpu, slerp_write_cpu>;
 
+// Whether this CPU multiplies bf16 natively; DAFAST_CPU_BF16_GEMM=0 or 1 overrides it (the tests
+// run both paths on any CPU).
+bool cpu_bf16_gemm() {
+  static const bool native = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto has = [&](const char* name) {
+      const auto it = caps.find(name);
+      return it != caps.end() && it->second.toBool();
+    };
+    return has("avx512_bf16") || has("amx_bf16");
+  }();
+  const char* force = std::getenv("DAFAST_CPU_BF16_GEMM");
+  if (force != nullptr && (force[0] == '0' || force[0] == '1')) return force[0] == '1';
+  return native;
+}
+
 // linear_logprobs: the tile loop of linear_logprobs_op.h with ATen GEMMs and the CPU folds.
 struct CpuLogprobs {
   static constexpr int64_t kTokenChunk = kCpuTokenChunk;
   static constexpr int64_t kVocabChunk = kCpuVocabChunk;
-  static constexpr bool kGemmInFp32 = true;  // bf16/fp16 GEMMs are several times slower on CPUs
+  // Half-precision GEMMs are several times slower than fp32 on CPUs without native bf16
+  // arithmetic; on those with it (AVX512-BF16, AMX) bf16 GEMMs are the faster ones.
+  static at::ScalarType gemm_dtype(at::ScalarType input) {
+    return input == at::kBFloat16 && cpu_bf16_gemm() ? at::kBFloat16 : at::kFloat;
+  }
+  static constexpr bool kFp32OutputGemm = false;
+  static constexpr bool kFoldWritesHalf = false;
   // GEMMs bound the CPU's time: a frozen head's step takes two (forward, sum p W) instead of three.
   static constexpr bool kDhiddenInForward = true;
   static bool may_sync() { return !mask_rows_forced(); }

@@ -236,7 +236,9 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 struct CudaLogprobs {
   static constexpr int64_t kTokenChunk = kCudaTokenChunk;
   static constexpr int64_t kVocabChunk = kCudaVocabChunk;
-  static constexpr bool kGemmInFp32 = false;
+  static at::ScalarType gemm_dtype(at::ScalarType input) { return input; }
+  static constexpr bool kFp32OutputGemm = true;
+  static constexpr bool kFoldWritesHalf = true;
   // The CUDA fold does not write probabilities back (and is not yet measured on a GPU): the
   // backward recomputes the tiles there, and with_dhidden is refused.
   static constexpr bool kDhiddenInForward = false;

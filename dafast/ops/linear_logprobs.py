@@ -16,9 +16,12 @@ exponentials and the target's logit (and the statistics). Only the per-token log
 saved for backward, besides the inputs; the backward recomputes each tile, turns it in place into
 upstream * (onehot(target) - softmax), and two GEMMs accumulate dHidden and dW in fp32. dW is
 never computed when the weight needs no gradient (a frozen head, as with LoRA). dHidden comes
-back in hidden's dtype, dW in weight's. On the CPU the GEMMs run in fp32 on upcast chunks even for
-bf16/fp16 inputs (half-precision GEMMs are several times slower there); on CUDA they run in the
-input dtype with fp32 output.
+back in hidden's dtype, dW in weight's. On CUDA the GEMMs run in the input dtype with fp32 output.
+On the CPU they run in fp32 on upcast chunks for fp16 inputs, and for bf16 inputs on CPUs without
+native bf16 arithmetic (half-precision GEMMs are several times slower there); on CPUs with it
+(AVX512-BF16, AMX) bf16 GEMMs are the fast ones, so bf16 inputs multiply in bf16 there, each
+tile's product widened to fp32 (the logits rounded to bf16 as the reference's are, the gradient
+tile rounded to bf16 for its two GEMMs). DAFAST_CPU_BF16_GEMM=0 or 1 forces either CPU path.
 
 A frozen head on the CPU takes a shortcut, because there the GEMMs are nearly the whole cost:
 d logp_i / d hidden_i = W[t_i] - sum_v softmax_iv W_v does not depend on the upstream gradient,
