@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import pathlib
 import warnings
 from typing import Iterator
 
@@ -89,3 +90,13 @@ def use_native() -> bool:
             stacklevel=3,
         )
     return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively, where bf16 matmuls beat fp32 ones
+    (Linux: the avx512_bf16 or amx_bf16 flag; False where that cannot be read)."""
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

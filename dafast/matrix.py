@@ -244,27 +244,30 @@ def _link(root: Path, node: Node) -> None:
 
 def _eval_path(node: Node, recipe: Recipe, root: Path) -> Path:
     """The cached summary's path: by node key and eval settings."""
-    from dafast.eval.runner import default_device
+    from dafast.eval.runner import default_device, eval_dtype
 
     settings = recipe.eval
-    # The device decides the eval dtype too (bf16 on a GPU, fp32 on the CPU).
-    # The headline column only changes how the report reads the answers.
-    key = _hash(node.key, settings.model_dump(exclude={"primary"}),
+    # The headline column only changes how the report reads the answers; "auto" is keyed by the
+    # device and the dtype it resolves to.
+    device = default_device()
+    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype"}),
                 _data_identity(settings.bench, "eval"),
-                default_device())
+                device, str(eval_dtype(device, settings.dtype)))
     return root / "eval" / f"{node.name}-{key}.json"
 
 
 def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
     """The node's benchmark summary, cached per node key and eval settings."""
-    from dafast.eval.runner import evaluate_dir
+    from dafast.eval.runner import default_device, eval_dtype, evaluate_dir
 
     settings = recipe.eval
     path = _eval_path(node, recipe, root)
     if path.is_file():
         return json.loads(path.read_text())
     started = time.time()
-    result = evaluate_dir(node.model_dir, settings.bench, batch_size=settings.batch_size,
+    device = default_device()
+    result = evaluate_dir(node.model_dir, settings.bench, device=device,
+                          dtype=eval_dtype(device, settings.dtype), batch_size=settings.batch_size,
                           loglik=settings.loglik, cloze=settings.cloze, limit=settings.limit)
     payload = {"summary": result.summary, "records": [r.__dict__ for r in result.records],
                "seconds": time.time() - started}

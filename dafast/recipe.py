@@ -135,6 +135,11 @@ class EvalSettings(Settings):
     primary: Literal["generation", "loglik", "calibrated", "cloze", "pmi"] = Field(
         "cloze", description="the headline column: the report and its plots lead with it")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N questions")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="dtype the models "
+                                                          "are evaluated in. auto: bfloat16 on "
+                                                          "a GPU and on a CPU with native "
+                                                          "bfloat16 arithmetic, float32 "
+                                                          "elsewhere")
 
 
 class Recipe(Settings):
@@ -232,21 +237,14 @@ class Recipe(Settings):
             return self.mixed_precision == "bf16"
         import torch
 
+        from dafast._native import cpu_has_native_bf16
+
         return (self.training_dtype() == "float32" and not torch.cuda.is_available()
                 and cpu_has_native_bf16())
 
     def saved_dtype(self) -> str:
         """`save_dtype` resolved: auto keeps the training dtype."""
         return self.training_dtype() if self.save_dtype == "auto" else self.save_dtype
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (Linux: the avx512_bf16 or amx_bf16 flag)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class RecipeError(ValueError):

@@ -435,3 +435,15 @@ def test_default_model_answers_in_format():
     parseable = sum(r.parsed is not None for r in result.records)
     assert parseable / len(result.records) > 0.5, [r.generated for r in result.records]
     assert result.summary["loglik"]["overall"] is not None
+
+
+def test_eval_dtype_auto_is_bf16_where_bf16_matmuls_are_native(monkeypatch):
+    from dafast import _native
+    from dafast.eval.runner import eval_dtype
+
+    for native in (True, False):
+        monkeypatch.setattr(_native, "cpu_has_native_bf16", lambda: native)
+        assert eval_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+        assert eval_dtype("cuda") == torch.bfloat16
+        assert eval_dtype("cpu", "float32") == torch.float32
+        assert eval_dtype("cuda", "float32") == torch.float32

@@ -33,8 +33,9 @@ def small_data(tmp_path: Path, kind: str, rows: int = 8) -> str:
 def recipe_for(tmp_path, **overrides) -> Recipe:
     stages = {kind: dict(FAST, data=small_data(tmp_path, kind)) for kind in ("cpt", "sft", "dpo", "orpo")}
     stages["cpt"]["max_length"] = 64
+    # fp32 throughout unless a test asks for bf16 autocast: curves compared at fp32 tolerances
     fields = dict(output_dir=str(tmp_path / "run"), lora=dict(r=8, alpha=16), save_steps=2,
-                  merge=None, eval=None, **stages)
+                  merge=None, eval=None, mixed_precision="no", **stages)
     for key, value in overrides.items():
         if isinstance(value, dict):
             fields[key] = {**(fields.get(key) or {}), **value}
@@ -112,6 +113,40 @@ def test_save_dtype_bfloat16_halves_the_stage_models_and_the_next_stage_trains(t
     trained = recipe.training_dtype()  # float32 on the CPU, bfloat16 on a GPU
     other = "float32" if trained == "bfloat16" else "bfloat16"
     assert keys["auto"] == keys[trained] != keys[other]
+
+
+def test_bf16_mixed_precision_trains_fp32_weights_under_autocast(tiny_model, tmp_path, monkeypatch):
+    """mixed_precision=bf16: the forward runs in bfloat16 (the fused head sees bf16 hidden
+    states), the weights and what is saved stay float32, the curve stays near fp32's, and the
+    result is another node of the matrix; auto picks it only on a CPU with native bf16."""
+    from dafast import matrix
+    from dafast._native import cpu_has_native_bf16
+    from dafast.ops import linear_logprobs as kernel
+
+    seen = []
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(hidden.dtype)
+        return kernel(hidden, *args, **kwargs)
+
+    monkeypatch.setattr("dafast.fused_head.linear_logprobs", spy)
+    curves = {}
+    for mode in ("no", "bf16"):
+        seen.clear()
+        recipe = recipe_for(tmp_path, mixed_precision=mode)
+        out = run_stage("cpt", recipe, tiny_model, tmp_path / mode)
+        assert set(seen) == {torch.float32 if mode == "no" else torch.bfloat16}
+        assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+        curves[mode] = losses(tmp_path / mode)
+    assert curves["bf16"] != curves["no"]
+    torch.testing.assert_close(torch.tensor(curves["bf16"]), torch.tensor(curves["no"]),
+                               rtol=0.05, atol=0.05)
+    keys = {mode: matrix.build_plan(recipe_for(tmp_path, model=str(tiny_model),
+                                               mixed_precision=mode))["cpt"].key
+            for mode in ("auto", "no", "bf16")}
+    assert keys["no"] != keys["bf16"]
+    native = cpu_has_native_bf16() and not torch.cuda.is_available()
+    assert keys["auto"] == keys["bf16" if native else "no"]
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])

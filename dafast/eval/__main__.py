@@ -21,7 +21,7 @@ import time
 from dafast.eval.answers import ANSWER_PREFIX, USER_TEMPLATE
 from dafast.eval.benchmark import BenchmarkError
 from dafast.eval import stats
-from dafast.eval.runner import COLUMNS, GROUPS, evaluate_dir
+from dafast.eval.runner import COLUMNS, GROUPS, default_device, eval_dtype, evaluate_dir
 
 
 def format_table(summary: dict, records: list[dict] | None = None) -> str:
@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions")
     parser.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood column")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="auto: bfloat16 on a GPU and on a CPU with native bf16 arithmetic, "
+                             "else float32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress goes to stderr
 
     start = time.perf_counter()
     try:
-        result = evaluate_dir(args.model, args.bench, device=args.device, limit=args.limit,
+        device = args.device or default_device()
+        result = evaluate_dir(args.model, args.bench, device=device,
+                              dtype=eval_dtype(device, args.dtype), limit=args.limit,
                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                               loglik=not args.no_loglik)
     except (BenchmarkError, OSError, ValueError) as exc:  # OSError: unreadable model or file

@@ -308,11 +308,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def eval_dtype(device: str, name: str = "auto") -> torch.dtype:
+    """The dtype ``name`` (auto | float32 | bfloat16) means on ``device``: auto is bfloat16 on a
+    GPU and on a CPU with native bf16 arithmetic (its matmuls are the fast ones there), float32
+    on other CPUs, where bf16 matmuls are several times slower."""
+    if name != "auto":
+        return getattr(torch, name)
+    from dafast._native import cpu_has_native_bf16
+
+    native = not str(device).startswith("cpu") or cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
+
+
 def load_model(model_dir: str | os.PathLike, *, device: str | None = None, dtype=None):
     """(model, tokenizer) from a local HF directory or the default model's name.
 
-    safetensors only, no remote code, no hub. Defaults: bf16 on CUDA when there is one, else
-    fp32 on CPU (bf16 matmuls on CPU are slow and change greedy answers).
+    safetensors only, no remote code, no hub. Default device: the GPU when there is one; default
+    dtype: :func:`eval_dtype`'s auto.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -322,7 +334,7 @@ def load_model(model_dir: str | os.PathLike, *, device: str | None = None, dtype
     if device is None:
         device = default_device()
     if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        dtype = eval_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
