@@ -41,7 +41,6 @@ from dafast.teacher import DEFAULT_BASE_URL, Request, Teacher, TeacherConfig, Te
 logger = logging.getLogger(__name__)
 
 LETTERS = "ABCD"
-_TEXT = {"type": "string", "minLength": 1, "maxLength": 400}
 
 
 def _array(item: dict, count: int) -> dict:
@@ -53,19 +52,21 @@ def _object(**properties) -> dict:
             "additionalProperties": False}
 
 
-def schemas(count: int) -> dict[str, dict]:
-    """The JSON the teacher is asked for, per task; at most ``count`` items each."""
+def schemas(count: int, max_chars: int = 400) -> dict[str, dict]:
+    """The JSON the teacher is asked for, per task: at most ``count`` items each, strings of at
+    most ``max_chars`` (a bound on the answer's length that a small model needs)."""
+    text = {"type": "string", "minLength": 1, "maxLength": max_chars}
     return {
-        "sft": _object(conversations=_array(_object(question=_TEXT, answer=_TEXT), count)),
+        "sft": _object(conversations=_array(_object(question=text, answer=text), count)),
         "preferences": _object(pairs=_array(
-            _object(question=_TEXT, correct_answer=_TEXT, wrong_answer=_TEXT), count)),
+            _object(question=text, correct_answer=text, wrong_answer=text), count)),
         "benchmark": _object(
             multiple_choice=_array(_object(
-                question=_TEXT, correct_option=_TEXT,
-                wrong_options={"type": "array", "items": _TEXT, "minItems": 3, "maxItems": 3},
+                question=text, correct_option=text,
+                wrong_options={"type": "array", "items": text, "minItems": 3, "maxItems": 3},
                 level={"enum": ["basic", "advanced"]}), count),
             true_false=_array(_object(
-                true_statement=_TEXT, false_statement=_TEXT,
+                true_statement=text, false_statement=text,
                 level={"enum": ["basic", "advanced"]}), count)),
     }
 
@@ -87,8 +88,8 @@ SYSTEM = "You write training data for a domain expert model. Answer with JSON on
 
 
 def document_requests(doc_id: str, text: str, tasks: list[str], count: int,
-                      max_tokens: int) -> list[Request]:
-    all_schemas = schemas(count)
+                      max_tokens: int, max_chars: int = 400) -> list[Request]:
+    all_schemas = schemas(count, max_chars)
     requests = []
     for task in tasks:
         prompt = f"{INSTRUCTIONS[task].format(count=count)}\n\nDocument:\n{text}"
@@ -178,7 +179,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def distill(corpus: str | os.PathLike, out_dir: str | os.PathLike, teacher: Teacher, *,
             with_benchmark: bool = False, count: int = 3, max_doc_chars: int = 6000,
-            max_tokens: int = 768, overwrite: bool = False) -> dict:
+            max_tokens: int = 768, max_chars: int = 400, overwrite: bool = False) -> dict:
     """Write OUT_DIR (see the module docstring); returns the manifest."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
@@ -192,7 +193,7 @@ def distill(corpus: str | os.PathLike, out_dir: str | os.PathLike, teacher: Teac
         doc_id = str(row.get("id") or f"line-{number}")
         docs.append(doc_id)
         requests.extend(document_requests(doc_id, row["text"][:max_doc_chars], tasks, count,
-                                          max_tokens))
+                                          max_tokens, max_chars))
     logger.info("%d documents, %d teacher requests to %s", len(docs), len(requests),
                 teacher.config.base_url)
     answers = teacher.complete_many(requests)  # raises TeacherError naming the request
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-doc-chars", type=int, default=6000,
                         help="documents are cut to this many characters in the prompt")
     parser.add_argument("--max-tokens", type=int, default=768, help="per teacher answer")
+    parser.add_argument("--max-chars", type=int, default=400,
+                        help="longest question, answer or option the teacher may write")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                         timeout=args.timeout))
         manifest = distill(args.corpus, args.out_dir, teacher, with_benchmark=args.benchmark,
                            count=args.count, max_doc_chars=args.max_doc_chars,
-                           max_tokens=args.max_tokens, overwrite=args.overwrite)
+                           max_tokens=args.max_tokens, max_chars=args.max_chars,
+                           overwrite=args.overwrite)
     except (TeacherError, data.DataError, benchmark.BenchmarkError, FileExistsError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

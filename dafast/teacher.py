@@ -17,8 +17,8 @@
   and renamed, so a killed run leaves whole entries only and a rerun resumes from them. Errors
   are never cached.
 - Errors: :class:`TeacherError` names the request (its ``name`` and cache key) and says what
-  failed: the endpoint unreachable, a timeout, an HTTP error, an answer cut off or not JSON when
-  JSON was asked for.
+  failed: the endpoint unreachable, a timeout, an HTTP error, an answer cut off, not JSON or not
+  of the schema when JSON was asked for.
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ class Teacher:
             self.hits += 1
             return cached
         text = self._fetch(request, key)
-        response = _parse_json(text, self._label(request, key)) if request.schema else text
+        response = text
+        if request.schema is not None:
+            response = _parse_json(text, request.schema, self._label(request, key))
         self._store(key, request, response)
         self.calls += 1
         return response
@@ -209,9 +211,22 @@ def _detail(error) -> str:
     return str(body or error.message)[:500]
 
 
-def _parse_json(text: str, label: str):
+def _parse_json(text: str, schema: dict, label: str):
+    """The answer as an object of ``schema``: an endpoint that ignores response_format (some
+    do, silently) must not put malformed rows in the cache."""
+    import jsonschema
+
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise TeacherError(f"{label}: JSON was asked for, the answer is not JSON ({e.msg} at "
                            f"column {e.colno}): {text[:200]!r}") from None
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "the top level"
+        raise TeacherError(f"{label}: the answer does not follow the schema at {where}: "
+                           f"{e.message[:200]}") from None
+    except jsonschema.SchemaError as e:
+        raise TeacherError(f"{label}: the request's JSON schema is invalid: {e.message}") from None
+    return value

@@ -29,8 +29,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model: str | os.PathLike, *, timeout: float = 180.0, name: str = "local"):
-    """The base URL of a server on `model`; the server is stopped on exit."""
+def serving(model: str | os.PathLike, *, timeout: float = 600.0, name: str = "local"):
+    """The base URL of a server on `model`; the server is stopped on exit. The timeout is
+    generous: on a shared 2-core machine importing torch and transformers alone can take
+    minutes."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     log = open(os.devnull, "wb")
