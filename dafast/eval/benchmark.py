@@ -72,7 +72,7 @@ def parse_options(question: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _OPTION_LINE.finditer(question)}
 
 
-def _check_row(row: object, where: str) -> Question:
+def check_row(row: object, where: str) -> Question:
     """One row -> Question, or BenchmarkError naming ``where`` (``file:line``) and the field."""
     if not isinstance(row, dict):
         raise BenchmarkError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -137,7 +137,7 @@ def parse_benchmark(text: str, name: str) -> list[Question]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BenchmarkError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
-        question = _check_row(row, where)
+        question = check_row(row, where)
         if question.id in first_line:
             raise BenchmarkError(
                 f"{where}: field 'id': duplicate id {question.id!r} "
@@ -157,13 +157,18 @@ def builtin_names() -> list[str]:
 
 
 def load_benchmark(path: str | os.PathLike) -> list[Question]:
-    """Load and validate a benchmark: a JSONL file, or ``builtin:NAME`` / ``NAME`` (bundled).
+    """Load and validate a benchmark: a JSONL file, a directory holding benchmark.jsonl (what
+    ``python -m dafast.distill --benchmark`` writes), or ``builtin:NAME`` / ``NAME`` (bundled).
 
     An existing file wins over a bundled name; ``builtin:biomat`` is the paper-domain benchmark
     shipped in dafast/data/biomat (240 questions), ``builtin:keldara`` one of invented facts
     (40 questions) that no pretrained model can know.
     """
     spec = os.fspath(path)
+    if not spec.startswith(BUILTIN_PREFIX) and os.path.isdir(spec):  # a dataset directory
+        spec = os.path.join(spec, "benchmark.jsonl")
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"{path}: the directory has no benchmark.jsonl")
     if not spec.startswith(BUILTIN_PREFIX) and os.path.exists(spec):
         with open(spec, "rb") as f:
             raw = f.read()
