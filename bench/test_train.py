@@ -3,7 +3,8 @@
     pytest bench/test_train.py --benchmark-autosave && python bench/compare.py
 
 Both roles build the same TRL trainer through dafast.stages on SmolLM2-135M-Instruct (the
-embedded model), LoRA r16 on every linear layer, fp32, a batch of 4 sequences x 512 tokens (DPO:
+embedded model), LoRA r16 on every linear layer, fp32 weights (under bf16 autocast where the
+recipe's mixed_precision auto picks it; DAFAST_BENCH_PRECISION=no|bf16 sets it), a batch of 4 sequences x 512 tokens (DPO:
 4 pairs of prompt + completion = 512 tokens each); DAFAST_BENCH_BATCH / DAFAST_BENCH_SEQ change
 it; DAFAST_BENCH_CHECKPOINTING=1 runs both roles with activation checkpointing (TRL's default,
 off in dafast's recipes). "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's
@@ -37,6 +38,12 @@ from peak_rss import PEAK_MIB_CODE
 BATCH = int(os.environ.get("DAFAST_BENCH_BATCH", "4"))
 SEQ = int(os.environ.get("DAFAST_BENCH_SEQ", "512"))
 CHECKPOINTING = os.environ.get("DAFAST_BENCH_CHECKPOINTING", "0") == "1"
+# The recipe's mixed_precision for both roles (auto: bf16 autocast on a CPU with native bf16).
+PRECISION = os.environ.get("DAFAST_BENCH_PRECISION", "auto")
+
+
+def precision_label(mixed_precision: str = PRECISION) -> str:
+    return "bf16-mixed" if Recipe(mixed_precision=mixed_precision).autocast_bf16() else "fp32"
 
 
 def corpus_tokens(tokenizer, count: int) -> list[list[int]]:
@@ -63,7 +70,7 @@ def build_dataset(kind: str, tokenizer):
 
 
 def build_step(kind: str, role: str, caching_allocator: bool | None = None,
-               finetune: str = "lora"):
+               finetune: str = "lora", mixed_precision: str = PRECISION):
     """The trainer's step function and the number of tokens a step processes. The dafast role
     also turns dafast's caching CPU allocator on, as the stages do (process-wide, until
     dafast.memory.disable(); caching_allocator=False leaves it off). finetune="full" trains
@@ -72,7 +79,8 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None,
 
     dafast.fused_head.use_in_trl(role == "dafast")
     settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
-    recipe = Recipe(dtype="float32", lora=dict(r=16, alpha=32), finetune=finetune,
+    recipe = Recipe(dtype="float32", mixed_precision=mixed_precision, lora=dict(r=16, alpha=32),
+                    finetune=finetune,
                     activation_checkpointing=CHECKPOINTING, **{kind: settings})
     module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
     model, tokenizer = base.load_model(default_model_dir(), torch.float32)
@@ -105,13 +113,14 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None,
 
 
 def peak_rss_mib(kind: str, role: str, caching_allocator: bool | None = None,
-                 finetune: str = "lora") -> tuple[float, float]:
+                 finetune: str = "lora", mixed_precision: str = PRECISION) -> tuple[float, float]:
     """(peak RSS, peak minus the RSS once the trainer is built) of a fresh process, MiB."""
     code = (PEAK_MIB_CODE + "import sys\n"
             f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "from test_train import build_step\n"
             "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
-            f"step, _ = build_step({kind!r}, {role!r}, {caching_allocator!r}, {finetune!r})\n"
+            f"step, _ = build_step({kind!r}, {role!r}, {caching_allocator!r}, {finetune!r}, "
+            f"{mixed_precision!r})\n"
             "built = rss()\nstep()\n"
             "peak = peak_mib()\n"
             "print(peak, peak - built)")
@@ -126,7 +135,7 @@ def peak_rss_mib(kind: str, role: str, caching_allocator: bool | None = None,
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_stage_step(benchmark, kind, role):
     step, tokens = build_step(kind, role)
-    benchmark.group = f"{kind} step SmolLM2-135M LoRA r16 fp32 {BATCH}x{SEQ}"
+    benchmark.group = f"{kind} step SmolLM2-135M LoRA r16 {precision_label()} {BATCH}x{SEQ}"
     benchmark.extra_info["role"] = role
     losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     dafast.fused_head.use_in_trl(True)
@@ -147,19 +156,25 @@ def test_stage_step(benchmark, kind, role):
     assert losses == losses  # a finite loss, not NaN
 
 
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 @pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_cpt_step_full_finetuning_vs_lora(benchmark, finetune):
+def test_cpt_step_full_finetuning_vs_lora(benchmark, finetune, mixed_precision):
     """The CPT step (packed corpus chunks) with every weight trained, as the default recipe's
-    CPT does, against the LoRA step it replaced: the price of full fine-tuning per step."""
-    step, tokens = build_step("sft", "dafast", finetune=finetune)
-    benchmark.group = f"cpt step SmolLM2-135M full vs LoRA r16 fp32 {BATCH}x{SEQ}"
+    CPT does, against the LoRA step it replaced, in fp32 and under bf16 autocast: the price of
+    full fine-tuning per step, and what bf16 matmuls buy back."""
+    if mixed_precision == "bf16" and torch.cuda.is_available():
+        pytest.skip("GPUs train bf16 weights (dtype auto), not fp32 under autocast")
+    step, tokens = build_step("sft", "dafast", finetune=finetune, mixed_precision=mixed_precision)
+    benchmark.group = f"cpt step SmolLM2-135M full vs LoRA r16, fp32 vs bf16-mixed {BATCH}x{SEQ}"
     benchmark.extra_info["finetune"] = finetune
+    benchmark.extra_info["precision"] = precision_label(mixed_precision)
     losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     dafast.memory.disable()
     if benchmark.stats is not None:
         benchmark.extra_info["tokens_per_s"] = round(tokens / benchmark.stats.stats.median, 1)
         if not torch.cuda.is_available():
-            peak, above = peak_rss_mib("sft", "dafast", finetune=finetune)
+            peak, above = peak_rss_mib("sft", "dafast", finetune=finetune,
+                                       mixed_precision=mixed_precision)
             benchmark.extra_info["peak_rss_MiB"] = peak
             benchmark.extra_info["step_rss_MiB"] = above
     assert losses == losses
@@ -184,7 +199,7 @@ def test_sft_step_interleaved(benchmark):
         peer()
         peer_times.append(time.perf_counter() - start)
 
-    benchmark.group = f"sft step, turns, SmolLM2-135M LoRA r16 fp32 {BATCH}x{SEQ}"
+    benchmark.group = f"sft step, turns, SmolLM2-135M LoRA r16 {precision_label()} {BATCH}x{SEQ}"
     benchmark.extra_info["role"] = "dafast"
     benchmark.pedantic(ours, setup=peer_turn, rounds=5, warmup_rounds=1)
     if benchmark.stats is not None:
