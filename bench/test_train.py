@@ -42,8 +42,9 @@ CHECKPOINTING = os.environ.get("DAFAST_BENCH_CHECKPOINTING", "0") == "1"
 PRECISION = os.environ.get("DAFAST_BENCH_PRECISION", "auto")
 
 
-def precision_label(mixed_precision: str = PRECISION) -> str:
-    return "bf16-mixed" if Recipe(mixed_precision=mixed_precision).autocast_bf16() else "fp32"
+def precision_label(mixed_precision: str = PRECISION, finetune: str = "lora") -> str:
+    recipe = Recipe(mixed_precision=mixed_precision, finetune=finetune)
+    return "bf16-mixed" if recipe.autocast_bf16("sft") else "fp32"
 
 
 def corpus_tokens(tokenizer, count: int) -> list[list[int]]:
@@ -84,7 +85,7 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None,
                     activation_checkpointing=CHECKPOINTING, **{kind: settings})
     module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
     model, tokenizer = base.load_model(default_model_dir(), torch.float32)
-    arguments = base.trainer_arguments(recipe, recipe.stage(kind), Path("/tmp/dafast-bench-train"))
+    arguments = base.trainer_arguments(recipe, kind, Path("/tmp/dafast-bench-train"))
     trainer = module.build_trainer(kind, recipe.stage(kind), model, tokenizer,
                                    build_dataset(kind, tokenizer), arguments,
                                    base.peft_config(recipe, kind), [])
@@ -104,7 +105,9 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None,
                      if k.endswith("input_ids")))
 
     def step():
-        loss = trainer.training_step(trainer.model, batch)
+        # Trainer.train runs the forward under accelerate's autocast (mixed precision); so here.
+        with trainer.accelerator.autocast():
+            loss = trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         return float(loss)
@@ -167,7 +170,7 @@ def test_cpt_step_full_finetuning_vs_lora(benchmark, finetune, mixed_precision):
     step, tokens = build_step("sft", "dafast", finetune=finetune, mixed_precision=mixed_precision)
     benchmark.group = f"cpt step SmolLM2-135M full vs LoRA r16, fp32 vs bf16-mixed {BATCH}x{SEQ}"
     benchmark.extra_info["finetune"] = finetune
-    benchmark.extra_info["precision"] = precision_label(mixed_precision)
+    benchmark.extra_info["precision"] = precision_label(mixed_precision, finetune)
     losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     dafast.memory.disable()
     if benchmark.stats is not None:

@@ -95,7 +95,7 @@ def _training_identity(recipe: Recipe, kind: str) -> dict:
             "finetune": finetune,
             "lora": recipe.lora.model_dump() if finetune == "lora" else None,
             "seed": recipe.seed, "dtype": recipe.training_dtype(),
-            **({"autocast": "bfloat16"} if recipe.autocast_bf16() else {}),
+            **({"autocast": "bfloat16"} if recipe.autocast_bf16(kind) else {}),
             # only when it differs, so results saved in the training dtype keep their keys
             **({"saved_dtype": recipe.saved_dtype()}
                if recipe.saved_dtype() != recipe.training_dtype() else {})}

@@ -158,11 +158,16 @@ class Recipe(Settings):
                                                             "weights and optimizer state, the "
                                                             "forward and backward in bfloat16 "
                                                             "under autocast (accelerate's mixed "
-                                                            "precision). auto: bf16 when the "
-                                                            "weights train in float32 on a CPU "
-                                                            "with native bfloat16 arithmetic "
-                                                            "(AVX512-BF16 or AMX), where its "
-                                                            "matmuls are faster; no elsewhere")
+                                                            "precision). auto: bf16 for the "
+                                                            "stages that train every weight in "
+                                                            "float32 on a CPU with native "
+                                                            "bfloat16 arithmetic (AVX512-BF16 "
+                                                            "or AMX), where their matmuls run "
+                                                            "faster in bf16; no elsewhere (LoRA "
+                                                            "stages: dafast's LoRA CPU kernel "
+                                                            "multiplies in fp32 whatever its "
+                                                            "input, so autocast only adds "
+                                                            "conversions)")
     activation_checkpointing: bool = Field(False, description="recompute each layer's activations "
                                          "in backward instead of keeping them: much less "
                                          "activation memory (large models, long sequences) for "
@@ -231,16 +236,16 @@ class Recipe(Settings):
 
         return "bfloat16" if torch.cuda.is_available() else "float32"
 
-    def autocast_bf16(self) -> bool:
-        """`mixed_precision` resolved: whether stages train under bfloat16 autocast."""
+    def autocast_bf16(self, kind: str) -> bool:
+        """`mixed_precision` resolved for stage `kind`: whether it trains under bf16 autocast."""
         if self.mixed_precision != "auto":
             return self.mixed_precision == "bf16"
         import torch
 
         from dafast._native import cpu_has_native_bf16
 
-        return (self.training_dtype() == "float32" and not torch.cuda.is_available()
-                and cpu_has_native_bf16())
+        return (self.stage_finetune(kind) == "full" and self.training_dtype() == "float32"
+                and not torch.cuda.is_available() and cpu_has_native_bf16())
 
     def saved_dtype(self) -> str:
         """`save_dtype` resolved: auto keeps the training dtype."""

@@ -37,7 +37,7 @@ def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
     model, tokenizer = base.load_model(Path(start), base.training_dtype(recipe))
     dataset = module.build_dataset(kind, settings, tokenizer)  # validates every row first
     trainer = module.build_trainer(kind, settings, model, tokenizer, dataset,
-                                   base.trainer_arguments(recipe, settings, stage_dir),
+                                   base.trainer_arguments(recipe, kind, stage_dir),
                                    base.peft_config(recipe, kind),
                                    [base.MetricsLog(stage_dir / "metrics.jsonl"),
                                     base.CheckpointMarker()])

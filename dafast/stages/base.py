@@ -74,9 +74,10 @@ def peft_config(recipe: Recipe, kind: str):
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
-def trainer_arguments(recipe: Recipe, settings: StageSettings, stage_dir: Path) -> dict:
+def trainer_arguments(recipe: Recipe, kind: str, stage_dir: Path) -> dict:
     """TRL/transformers TrainingArguments fields shared by every stage."""
     dtype = training_dtype(recipe)
+    settings = recipe.stage(kind)
     return dict(
         output_dir=str(stage_dir / "checkpoints"),
         per_device_train_batch_size=settings.batch_size,
@@ -91,7 +92,7 @@ def trainer_arguments(recipe: Recipe, settings: StageSettings, stage_dir: Path) 
         train_sampling_strategy=settings.sampling_strategy(),
         seed=recipe.seed,
         data_seed=recipe.seed,
-        bf16=dtype == torch.bfloat16 or recipe.autocast_bf16(),
+        bf16=dtype == torch.bfloat16 or recipe.autocast_bf16(kind),
         activation_checkpointing=recipe.activation_checkpointing,  # TRL defaults it to True
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=recipe.logging_steps,
