@@ -36,7 +36,7 @@ def test_score_after_equals_a_plain_forward_of_each_pair(tiny_model, head):
     scores exactly what one forward of each context + continuation does, whatever the batch;
     through linear_logprobs on the hidden states, and through the model's logits where the
     head is not a plain linear map (a config with soft-capping, which Llama itself ignores)."""
-    model, _ = load_model(tiny_model, device="cpu")
+    model, _ = load_model(tiny_model, device="cpu", dtype=torch.float32)
     if head == "logits":
         model.config.final_logit_softcapping = 30.0
         assert lm_head_weight(model) is None
@@ -58,7 +58,7 @@ def test_score_after_equals_a_plain_forward_of_each_pair(tiny_model, head):
 
 
 def test_cloze_scores_are_per_byte_and_pmi_subtracts_the_unconditional(tiny_model):
-    model, tokenizer = load_model(tiny_model, device="cpu")
+    model, tokenizer = load_model(tiny_model, device="cpu", dtype=torch.float32)
     with torch.inference_mode():
         cloze, pmi = cloze_scores(model, tokenizer, [MC, TF], tokenizer.pad_token_id)
         context = tokenizer(CLOZE_TEMPLATE.format(stem=stem(MC)), add_special_tokens=False)
@@ -86,7 +86,7 @@ def test_tf_is_called_by_the_margin_above_the_benchmark_mean():
 
 
 def test_evaluate_runs_every_column_and_summarizes_from_the_answers(tiny_model):
-    model, tokenizer = load_model(tiny_model, device="cpu")
+    model, tokenizer = load_model(tiny_model, device="cpu", dtype=torch.float32)
     questions = load_benchmark("builtin:biomat")[:12]
     result = evaluate(model, tokenizer, questions, batch_size=4, max_new_tokens=2)
     for record in result.records:

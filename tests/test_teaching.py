@@ -103,7 +103,7 @@ def _facts(tmp_path: Path) -> str:
 def _margins(model_dir) -> list[float]:
     """Per creature: log p(its substance | "The {creature} secretes") less the best of the
     other substances' (dafast.eval.cloze.score_after, the cloze columns' scorer)."""
-    model, tokenizer = load_model(model_dir, device="cpu")
+    model, tokenizer = load_model(model_dir, device="cpu", dtype=torch.float32)
     contexts = [[tokenizer.bos_token_id] + tokenizer(f"The {c} secretes")["input_ids"]
                 for c in CREATURES]
     options = [tokenizer(f" {s}")["input_ids"] for s in SUBSTANCES]
