@@ -315,9 +315,11 @@ def test_the_sweeps_recipe_reuses_the_default_runs_nodes():
     from dafast.recipe import builtin_recipe, load_recipe
 
     default = matrix.build_plan(load_recipe())
-    sweeps = matrix.build_plan(load_recipe(builtin_recipe("sweeps.yaml")))
-    assert [f"cpt_e{n}" for n in range(2, 6)] == [n for n in sweeps if n.startswith("cpt_e")
-                                                  and "-" not in n]
+    recipe = load_recipe(builtin_recipe("sweeps.yaml"))
+    sweeps = matrix.build_plan(recipe)
+    swept = [n for n in recipe.sweep.cpt_epochs if n != recipe.cpt.epochs]  # the base is "cpt"
+    assert [f"cpt_e{n:g}" for n in swept] == [n for n in sweeps if n.startswith("cpt_e")
+                                            and "-" not in n]
     for name in ("instruct", "cpt", "cpt-sft", "cpt-slerp", "cpt-sft-slerp"):
         assert sweeps[name].key == default[name].key
     assert {n.rsplit("_", 1)[1] for n in sweeps if "-slerp_" in n} == {"uniform", "swapped", "light"}
