@@ -2,14 +2,16 @@
 
     pytest bench/test_train.py --benchmark-autosave && python bench/compare.py
 
-Both roles build the same TRL trainer through dafast.stages on SmolLM2-135M-Instruct (the
-embedded model), LoRA r16 on every linear layer, fp32 weights (under bf16 autocast where the
-recipe's mixed_precision auto picks it; DAFAST_BENCH_PRECISION=no|bf16 sets it), a batch of 4 sequences x 512 tokens (DPO:
+Both roles train SmolLM2-135M-Instruct (the embedded model) with the same TrainingArguments,
+LoRA r16 on every linear layer, fp32 weights (under bf16 autocast where the recipe's
+mixed_precision auto picks it; DAFAST_BENCH_PRECISION=no|bf16 sets it), a batch of 4 sequences x
+512 tokens (DPO:
 4 pairs of prompt + completion = 512 tokens each); DAFAST_BENCH_BATCH / DAFAST_BENCH_SEQ change
 it; DAFAST_BENCH_CHECKPOINTING=1 runs both roles with activation checkpointing (TRL's default,
-off in dafast's recipes). "peer" is TRL 1.16 as it ships (its own chunked fused LM head, PEFT's
-LoRA layers); "dafast" gives the trainer dafast's fused head, patches the LoRA layers and the
-SwiGLU MLPs onto dafast's kernels and, as the stages do, turns dafast's caching CPU allocator on
+off in dafast's recipes). "peer" is TRL 1.16's trainer as it ships (its own chunked fused LM
+head and loss, PEFT's LoRA layers); "dafast" is the stage's trainer as dafast.stages builds it
+(dafast.trainers: the loss on hidden states through dafast's linear_logprobs; the LoRA layers and
+SwiGLU MLPs on dafast's kernels) and, as the stages do, dafast's caching CPU allocator on
 (dafast.memory; its peak RSS with torch's allocator is reported too).
 A step is TRL's training_step (forward, loss, backward; for DPO also the reference forward with
 the adapter disabled) plus the AdamW update. extra_info: tokens/s (median) and the peak RSS of a
@@ -28,11 +30,10 @@ import pytest
 import torch
 
 import dafast
-import dafast.fused_head
 import dafast.memory
 from dafast import data
 from dafast.recipe import Recipe
-from dafast.stages import base
+from dafast.stages import STAGES, build
 from peak_rss import PEAK_MIB_CODE
 
 BATCH = int(os.environ.get("DAFAST_BENCH_BATCH", "4"))
@@ -73,26 +74,28 @@ def build_dataset(kind: str, tokenizer):
 def build_step(kind: str, role: str, caching_allocator: bool | None = None,
                finetune: str = "lora", mixed_precision: str = PRECISION):
     """The trainer's step function and the number of tokens a step processes. The dafast role
-    also turns dafast's caching CPU allocator on, as the stages do (process-wide, until
-    dafast.memory.disable(); caching_allocator=False leaves it off). finetune="full" trains
-    every weight instead of LoRA adapters (the default recipe's CPT)."""
+    builds the stage's trainer as dafast.stages does (the model on dafast's kernels, the loss on
+    hidden states) and turns dafast's caching CPU allocator on, as the stages do (process-wide,
+    until dafast.memory.disable(); caching_allocator=False leaves it off). The peer is TRL's own
+    trainer with PEFT's LoRA on the same model and arguments. finetune="full" trains every
+    weight instead of LoRA adapters (the default recipe's CPT)."""
     from dafast.models import default_model_dir
 
-    dafast.fused_head.use_in_trl(role == "dafast")
     settings = dict(batch_size=BATCH, max_length=SEQ, max_steps=10)
     recipe = Recipe(dtype="float32", mixed_precision=mixed_precision, lora=dict(r=16, alpha=32),
                     finetune=finetune,
                     activation_checkpointing=CHECKPOINTING, **{kind: settings})
-    module = __import__(f"dafast.stages.{kind}", fromlist=["build_trainer"])
-    model, tokenizer = base.load_model(default_model_dir(), torch.float32)
-    arguments = base.trainer_arguments(recipe, kind, Path("/tmp/dafast-bench-train"))
-    trainer = module.build_trainer(kind, recipe.stage(kind), model, tokenizer,
-                                   build_dataset(kind, tokenizer), arguments,
-                                   base.peft_config(recipe, kind), [])
+    arguments = build.trainer_arguments(recipe, kind, Path("/tmp/dafast-bench-train"))
+    if role == "dafast":
+        model, tokenizer = build.training_model(recipe, kind, default_model_dir())
+        trainer = STAGES[kind].build_trainer(
+            model=model, tokenizer=tokenizer, dataset=build_dataset(kind, tokenizer),
+            settings=recipe.stage(kind), arguments=arguments, callbacks=[])
+    else:
+        trainer = peer_trainer(kind, recipe, arguments)
+        tokenizer = trainer.processing_class
     if trainer.args.activation_checkpointing:  # as Trainer.train does
         trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
-    if role == "dafast":
-        base.use_dafast_kernels(trainer.model)
     if caching_allocator is None:
         caching_allocator = role == "dafast"
     if caching_allocator:
@@ -113,6 +116,31 @@ def build_step(kind: str, role: str, caching_allocator: bool | None = None,
         return float(loss)
 
     return step, tokens
+
+
+def peer_trainer(kind: str, recipe: Recipe, arguments: dict):
+    """TRL's SFT or DPO trainer as it ships (its own chunked fused LM head and loss), PEFT's LoRA
+    layers (from the recipe's LoRA settings)."""
+    import trl
+    from peft import LoraConfig
+
+    from dafast.models import default_model_dir, load_model
+
+    model, tokenizer = load_model(default_model_dir(), dtype=torch.float32)
+    lora = recipe.lora
+    peft_config = (LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                   if recipe.stage_finetune(kind) == "lora" else None)
+    settings = recipe.stage(kind)
+    if kind == "sft":
+        config = trl.SFTConfig(**arguments, max_length=SEQ, packing=False, dataset_num_proc=None)
+        trainer_cls = trl.SFTTrainer
+    else:
+        config = trl.DPOConfig(**arguments, beta=settings.beta, loss_type=["sigmoid"],
+                               max_length=SEQ, dataset_num_proc=None)
+        trainer_cls = trl.DPOTrainer
+    return trainer_cls(model=model, args=config, train_dataset=build_dataset(kind, tokenizer),
+                       processing_class=tokenizer, peft_config=peft_config)
 
 
 def peak_rss_mib(kind: str, role: str, caching_allocator: bool | None = None,
@@ -141,7 +169,6 @@ def test_stage_step(benchmark, kind, role):
     benchmark.group = f"{kind} step SmolLM2-135M LoRA r16 {precision_label()} {BATCH}x{SEQ}"
     benchmark.extra_info["role"] = role
     losses = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    dafast.fused_head.use_in_trl(True)
     allocator = dafast.memory.stats()
     dafast.memory.disable()
     if benchmark.stats is not None:
@@ -194,7 +221,6 @@ def test_sft_step_interleaved(benchmark):
     # The caching allocator stays off: it is process-wide and the peer would share it.
     ours, tokens = build_step("sft", "dafast", caching_allocator=False)
     peer, _ = build_step("sft", "peer")
-    dafast.fused_head.use_in_trl(True)
     peer_times = []
 
     def peer_turn():  # pedantic's untimed setup: the peer's step, timed here

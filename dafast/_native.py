@@ -7,7 +7,7 @@ Every op in dafast.ops has a pure-PyTorch reference next to its native kernel. W
     DAFAST_KERNELS=native     the native kernels; an error if the extension is missing
     DAFAST_KERNELS=reference  the references everywhere
 
-and `with dafast.kernels("reference"): ...` overrides it for a block of code (process-wide, like
+and `with dafast.kernels.mode("reference"): ...` overrides it for a block of code (process-wide, like
 torch's backend flags).
 """
 
@@ -57,9 +57,9 @@ def kernel_mode() -> str:
 
 @contextlib.contextmanager
 def kernels(mode: str) -> Iterator[None]:
-    """Run the enclosed code on the native kernels or on the references: kernels("reference")."""
+    """Run the enclosed code on the native kernels or on the references (dafast.kernels.mode)."""
     if mode not in MODES:
-        raise ValueError(f"kernels() takes one of {', '.join(MODES)}; got {mode!r}")
+        raise ValueError(f"dafast.kernels.mode() takes one of {', '.join(MODES)}; got {mode!r}")
     global _mode_override
     previous, _mode_override = _mode_override, mode
     try:

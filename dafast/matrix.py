@@ -54,6 +54,7 @@ class Node:
     records: list | None = field(default=None, repr=False)  # the eval's per-question records
     recipe: Recipe | None = field(default=None, repr=False)  # a stage: its (swept) settings
     merge_t: object = None         # a merge: its t-schedule (None: the paper's)
+    stage: object = field(default=None, repr=False)  # a trained stage: its StageResult
 
 
 def _hash(*parts) -> str:
@@ -167,17 +168,18 @@ def plan_actions(nodes: dict[str, Node], recipe: Recipe, root: Path) -> None:
     """Set each node's `action`: "cached" (its finished result is on disk), "resume from
     checkpoint-N", "train", "merge", or "model" (a starting model); evaluated nodes add
     ", eval cached" or ", evaluate"."""
-    from dafast.stages import base
+    from dafast.stages.checkpoints import last_checkpoint
+    from dafast.stages.output import is_complete
 
     for node in nodes.values():
         if node.kind == "model":
             node.action = "model"
         elif node.kind == "merge":
             node.action = "cached" if (node_dir(node, root) / MERGE_DONE).is_file() else "merge"
-        elif base.is_complete(node_dir(node, root)):
+        elif is_complete(node_dir(node, root)):
             node.action = "cached"
         else:
-            checkpoint = base.last_checkpoint(node_dir(node, root))
+            checkpoint = last_checkpoint(node_dir(node, root))
             node.action = f"resume from {Path(checkpoint).name}" if checkpoint else "train"
         if node.evaluate and recipe.eval is not None:
             node.action += ", eval cached" if _eval_path(node, recipe, root).is_file() \
@@ -204,15 +206,15 @@ def _run_node(node: Node, nodes: dict[str, Node], recipe: Recipe, root: Path) ->
     from dafast.stages import run_stage
 
     parent = nodes[node.parents[0]]
-    model_dir = run_stage(node.kind, node.recipe, parent.model_dir, out)
-    result = _read_json(out / "result.json")
+    node.stage = run_stage(node.kind, node.recipe, parent.model_dir, out)
+    result = node.stage.summary
     _record_time(node, "training", result)
     if not node.action.startswith("cached"):
         loss = f"loss {result.get('first_loss') or float('nan'):.4g} -> " \
                f"{result.get('final_loss') or float('nan'):.4g}"
         log.info("%s (%s): trained %s steps, %s tokens, %s, %.1f s", node.name, node.kind,
                  result.get("steps"), result.get("tokens"), loss, result.get("seconds", 0.0))
-    return model_dir
+    return node.stage.model_dir
 
 
 def _record_time(node: Node, what: str, record: dict) -> None:
@@ -353,13 +355,8 @@ def is_main_process() -> bool:
 
 
 def loss_curves(nodes: dict[str, Node]) -> dict[str, list[tuple[int, float]]]:
-    curves = {}
-    for node in nodes.values():
-        metrics = node.model_dir.parent / "metrics.jsonl" if node.model_dir else None
-        if node.kind in ("cpt", "sft", "dpo", "orpo") and metrics and metrics.is_file():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-            curves[node.name] = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    return curves
+    return {node.name: node.stage.loss_curve() for node in nodes.values()
+            if node.stage is not None and node.stage.loss_curve()}
 
 
 def machine() -> dict:

@@ -8,8 +8,7 @@ to a cache when the tensor is freed and is handed to the next tensor of its size
 shapes of a training step repeat layer after layer and step after step, so nearly every request
 is served from the cache; a request that misses first gives back as many bytes of the oldest
 cached blocks as it needs. Peak RSS therefore follows the bytes the tensors really hold, where
-glibc's heap keeps the holes between long- and short-lived activations resident (1.3 GB of a
-6.5 GB DPO step of SmolLM2-135M), and no page is zero-filled again, as it would be with
+glibc's heap keeps the holes between long- and short-lived activations resident, and no page is zero-filled again, as it would be with
 MALLOC_MMAP_THRESHOLD_.
 
 Smaller tensors go to c10::alloc_cpu as before. Off, torch's own allocator is back and the cached

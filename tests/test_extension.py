@@ -41,7 +41,7 @@ def test_context_manager_routes_to_reference(monkeypatch):
     a, b = torch.randn(10), torch.randn(10)
     dafast.ops.slerp(a, b, 0.5)
     assert calls == []
-    with dafast.kernels("reference"):
+    with dafast.kernels.mode("reference"):
         assert dafast.kernel_mode() == "reference"
         dafast.ops.slerp(a, b, 0.5)
     assert calls == [1]
@@ -50,7 +50,7 @@ def test_context_manager_routes_to_reference(monkeypatch):
 
 def test_bad_mode_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="kernels"):
-        with dafast.kernels("fast"):
+        with dafast.kernels.mode("fast"):
             pass
     monkeypatch.setenv("DAFAST_KERNELS", "fastest")
     with pytest.raises(ValueError, match="DAFAST_KERNELS must be one of"):

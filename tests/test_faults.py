@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from dafast.stages import base, run_stage
+import dafast.stages
+from dafast.stages import run_stage
+from dafast.stages.checkpoints import CHECKPOINT_DONE, checkpoint_complete, last_checkpoint
 from test_train import recipe_for
 
 TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second",
@@ -69,9 +71,9 @@ def test_full_disk_while_saving_a_checkpoint(whole, tiny_model, tmp_path, monkey
         run_stage("sft", whole, tiny_model, tmp_path / "resumed")
     checkpoints = tmp_path / "resumed" / "checkpoints"
     assert (checkpoints / "checkpoint-4").is_dir()
-    assert not base.checkpoint_complete(checkpoints / "checkpoint-4")
+    assert not checkpoint_complete(checkpoints / "checkpoint-4")
     monkeypatch.setattr(Trainer, "_save_rng_state", save_rng)
-    assert base.last_checkpoint(tmp_path / "resumed").endswith("checkpoint-2")
+    assert last_checkpoint(tmp_path / "resumed").endswith("checkpoint-2")
     run_stage("sft", whole, tiny_model, tmp_path / "resumed")
     assert_same_as_whole(tmp_path / "resumed", tmp_path / "whole")
 
@@ -80,8 +82,8 @@ def test_full_disk_while_saving_a_checkpoint(whole, tiny_model, tmp_path, monkey
 def test_damaged_last_checkpoint_is_skipped(damage, whole, tiny_model, tmp_path, monkeypatch):
     """Killed after training, before the stage's outputs: checkpoint-6 (the last) is damaged,
     so the rerun resumes from checkpoint-4 and trains steps 5 and 6 again."""
-    finish = base.finish
-    monkeypatch.setattr(base, "finish", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    finish = dafast.stages.write_outputs
+    monkeypatch.setattr(dafast.stages, "write_outputs", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
     with pytest.raises(_Killed):
         run_stage("sft", whole, tiny_model, tmp_path / "resumed")
     last = tmp_path / "resumed" / "checkpoints" / "checkpoint-6"
@@ -91,8 +93,8 @@ def test_damaged_last_checkpoint_is_skipped(damage, whole, tiny_model, tmp_path,
     elif damage == "no trainer_state.json":
         (last / "trainer_state.json").unlink()
     else:
-        (last / base.CHECKPOINT_DONE).unlink()
-    monkeypatch.setattr(base, "finish", finish)
+        (last / CHECKPOINT_DONE).unlink()
+    monkeypatch.setattr(dafast.stages, "write_outputs", finish)
     run_stage("sft", whole, tiny_model, tmp_path / "resumed")
     assert_same_as_whole(tmp_path / "resumed", tmp_path / "whole")
 
@@ -104,11 +106,11 @@ def test_killed_after_the_final_checkpoint_takes_no_extra_step(limit, tiny_model
     sft = dict(max_steps=5) if limit == "max_steps" else dict(max_steps=-1, epochs=1)
     recipe = recipe_for(tmp_path, sft=sft)
     run_stage("sft", recipe, tiny_model, tmp_path / "whole")
-    finish = base.finish
-    monkeypatch.setattr(base, "finish", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    finish = dafast.stages.write_outputs
+    monkeypatch.setattr(dafast.stages, "write_outputs", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
     with pytest.raises(_Killed):
         run_stage("sft", recipe, tiny_model, tmp_path / "resumed")
-    monkeypatch.setattr(base, "finish", finish)
+    monkeypatch.setattr(dafast.stages, "write_outputs", finish)
     run_stage("sft", recipe, tiny_model, tmp_path / "resumed")
     steps = json.loads((tmp_path / "resumed" / "result.json").read_text())["steps"]
     assert steps == json.loads((tmp_path / "whole" / "result.json").read_text())["steps"]

@@ -255,7 +255,7 @@ def test_matches_trl_chunked_kernel(device, dtype):
 def test_bad_input_raises_clear_errors(mode):
     hidden, weight = torch.randn(10, H), torch.randn(100, H)
     targets = torch.randint(0, 100, (10,))
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         bad = targets.clone()
         bad[4] = 100
         with pytest.raises(ValueError, match=r"targets must be in \[0, V\) = \[0, 100\) or equal "
@@ -295,7 +295,7 @@ def test_reference_switch_routes_to_reference(monkeypatch):
     hidden, weight, targets = make_inputs(10, 100, torch.float32, "cpu")
     native = linear_logprobs(hidden, weight, targets)
     assert calls == []
-    with dafast.kernels("reference"):
+    with dafast.kernels.mode("reference"):
         torch.testing.assert_close(linear_logprobs(hidden, weight, targets), native)
     assert calls == [1]
 

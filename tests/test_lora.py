@@ -207,7 +207,7 @@ def test_reference_mode_agrees():
     x = torch.randn(2, 9, 576, requires_grad=True)
     results = {}
     for mode in ("native", "reference"):
-        with dafast.kernels(mode):
+        with dafast.kernels.mode(mode):
             y = lora_linear(x, weight, bias, lora_a, lora_b, scale)
             results[mode] = [y, *torch.autograd.grad(y.sum(), (x, lora_a, lora_b))]
     assert "dafast_lora_linear" in type(results["native"][0].grad_fn).__name__
@@ -247,7 +247,7 @@ def test_bad_input_raises_clear_errors(mode):
         (ValueError, "lora_b must be on x's device cpu, got meta",
          (x, weight, bias, lora_a, lora_b.to("meta"))),
     ]
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         for error, message, args in bad:
             with pytest.raises(error, match="dafast.lora_linear: " + message):
                 lora_linear(*args, 1.0)

@@ -43,7 +43,7 @@ def test_patched_model_has_peft_loss_and_gradients(ids):
     assert fused_grads.keys() == grads.keys() and len(grads) == 2 * N_LORA_LAYERS
     for name, g in grads.items():
         torch.testing.assert_close(fused_grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
-    with dafast.kernels("reference"):
+    with dafast.kernels.mode("reference"):
         ref_loss, _ = loss_and_grads(model, ids)
     torch.testing.assert_close(ref_loss, loss, rtol=1e-6, atol=0)
     assert unpatch(model) == N_LORA_LAYERS and fused_layers(model) == 0

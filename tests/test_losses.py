@@ -101,7 +101,7 @@ def test_dpo_equals_trl(beta, mode):
     # adapter-disabled model), without gradient.
     with torch.no_grad():
         ref_chosen, ref_rejected = losses.sequence_logps(hidden * 0.9, weight, labels).chunk(2)
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         ours, our_metrics = losses.dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, beta=beta)
     theirs, their_metrics = trl_dpo(hidden @ weight.T, labels, ref_chosen, ref_rejected, beta)
     assert_same(ours, theirs, (hidden, weight))
@@ -155,7 +155,7 @@ def test_orpo_equals_trl(beta, mode):
     input_ids, attention, labels = preference_batch()
     hidden, weight = leaves()
     theirs, their_metrics, nll_labels = trl_orpo(hidden @ weight.T, input_ids, attention, labels, beta)
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         ours, our_metrics = losses.orpo_loss(hidden, weight, labels, beta=beta, nll_labels=nll_labels)
     assert_same(ours, theirs, (hidden, weight))
     assert our_metrics.keys() == their_metrics.keys()

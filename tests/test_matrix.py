@@ -25,7 +25,9 @@ import dafast.eval.runner
 import dafast.merge
 from dafast import matrix, train
 from dafast.recipe import Recipe
-from dafast.stages import base
+import dafast.stages
+from dafast.stages import checkpoints
+from dafast.stages.output import is_complete
 from test_train import losses, recipe_for
 
 PLAN = ["instruct", "cpt", "cpt-sft", "cpt-slerp", "cpt-sft-slerp"]  # all evaluated
@@ -69,7 +71,7 @@ def work(monkeypatch):
             return real(*args, **kwargs)
         monkeypatch.setattr(module, function, recording)
 
-    spy(base, "train", "train", 1)                               # (trainer, stage_dir)
+    spy(checkpoints, "train", "train", 1)                               # (trainer, stage_dir)
     spy(dafast.merge, "slerp_merge", "merge", 2)                 # (instruct, trained, out)
     spy(dafast.eval.runner, "evaluate_dir", "eval", 0)           # (model_dir, ...)
     return done
@@ -197,18 +199,18 @@ def test_interrupted_stage_resumes_and_an_unmarked_merge_is_redone(first_run, tm
         shutil.rmtree(derived) if derived.is_dir() else derived.unlink()
     plan = matrix.build_plan(recipe)
     stage_dir = root / "stages" / f"cpt-sft-{plan['cpt-sft'].key}"
-    train_stage = base.train
+    train_stage = checkpoints.train
 
     def train_with(callback):
-        monkeypatch.setattr(base, "train", lambda trainer, d: (trainer.add_callback(callback),
+        monkeypatch.setattr(checkpoints, "train", lambda trainer, d: (trainer.add_callback(callback),
                                                                train_stage(trainer, d)))
 
     train_with(KillAtStep3())
     nodes = matrix.run(recipe)
     assert nodes["cpt-sft"].status == "failed" and nodes["cpt-sft"].error.startswith("Killed")
     assert nodes["cpt-sft-slerp"].status == "skipped" and nodes["cpt-slerp"].status == "done"
-    assert not base.is_complete(stage_dir) and len(losses(stage_dir)) == 3
-    assert Path(base.last_checkpoint(stage_dir)).name == "checkpoint-2"
+    assert not is_complete(stage_dir) and len(losses(stage_dir)) == 3
+    assert Path(checkpoints.last_checkpoint(stage_dir)).name == "checkpoint-2"
     actions = {n: node.action for n, node in matrix.run(recipe, only_plan=True).items()}
     assert actions["cpt-sft"] == "resume from checkpoint-2, evaluate"
     assert actions["cpt"] == "cached, eval cached" and actions["cpt-sft-slerp"] == "merge, evaluate"
@@ -223,7 +225,7 @@ def test_interrupted_stage_resumes_and_an_unmarked_merge_is_redone(first_run, tm
     assert resumed.steps == [3, 4, 5, 6]  # from the checkpoint of step 2, cpt not retrained
     uninterrupted = first_run[1]["cpt-sft"].model_dir.parent
     assert losses(stage_dir) == pytest.approx(losses(uninterrupted), rel=1e-6)
-    assert base.is_complete(stage_dir) and not (stage_dir / "checkpoints").exists()
+    assert is_complete(stage_dir) and not (stage_dir / "checkpoints").exists()
     assert (unmarked / "merge.json").is_file()
     assert (unmarked / "model.safetensors").read_bytes() != b"truncated"
     assert sorted(report_rows(root)) == sorted(PLAN)

@@ -99,7 +99,7 @@ def test_huge_finite_inputs_do_not_overflow(device, dtype, scale):
     torch.testing.assert_close(slerp_sums(a, b), slerp_sums_reference(a, b), rtol=1e-5, atol=0)
     exact = golden(a.cpu(), b.cpu(), 0.3)
     for mode in ("native", "reference"):
-        with dafast.kernels(mode):
+        with dafast.kernels.mode(mode):
             out = slerp(a, b, 0.3)
         assert torch.isfinite(out).all(), mode
         err = (out.cpu().double() - exact).abs().max().item()
@@ -165,14 +165,14 @@ def test_non_finite_input_gives_all_nan(device, dtype, bad, where):
     a, b = pair(4097, dtype, device)
     (a if where == "a" else b)[123] = bad
     for mode in ("native", "reference"):
-        with dafast.kernels(mode):
+        with dafast.kernels.mode(mode):
             assert slerp(a, b, 0.3).isnan().all(), mode
 
 
 @pytest.mark.parametrize("mode", ["native", "reference"])
 def test_bad_input_raises_clear_errors(mode):
     a, b = torch.randn(10), torch.randn(10)
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         with pytest.raises(ValueError, match=r"same shape, got \[10\] and \[11\]"):
             slerp(a, torch.randn(11), 0.5)
         with pytest.raises(TypeError, match="same dtype, got torch.float32 and torch.bfloat16"):
@@ -238,7 +238,7 @@ def test_sums_match_float64(device, dtype):
 def test_chunked_equals_whole(device, dtype, mode, rows_per_chunk):
     a = torch.randn(100, 1024, device=device).to(dtype)
     b = torch.randn(100, 1024, device=device).to(dtype)
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         whole = slerp(a, b, 0.3)
         chunks = list(zip(a.split(rows_per_chunk), b.split(rows_per_chunk)))
         sums = sum(slerp_sums(x, y) for x, y in chunks)
@@ -255,7 +255,7 @@ def test_chunked_equals_whole(device, dtype, mode, rows_per_chunk):
 @pytest.mark.parametrize("mode", ["native", "reference"])
 def test_bad_sums_are_refused(mode):
     a, b = torch.randn(10), torch.randn(10)
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         with pytest.raises(TypeError, match="sums must be float64"):
             slerp(a, b, 0.5, sums=torch.zeros(3))
         with pytest.raises(ValueError, match=r"sums must have shape \[3\]"):

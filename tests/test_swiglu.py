@@ -94,7 +94,7 @@ def test_only_the_needed_gradient():
 def test_float64_and_reference_mode_take_the_reference():
     gate, up = inputs((3, 11), torch.float64, "cpu")
     assert torch.autograd.gradcheck(swiglu, (gate, up))
-    with dafast.kernels("reference"):
+    with dafast.kernels.mode("reference"):
         g32, u32 = gate.detach().float(), up.detach().float()
         torch.testing.assert_close(swiglu(g32, u32), F.silu(g32) * u32)
 
@@ -102,7 +102,7 @@ def test_float64_and_reference_mode_take_the_reference():
 @pytest.mark.parametrize("mode", ["native", "reference"])
 def test_bad_input_raises_clear_errors(mode):
     gate, up = torch.randn(4, 6), torch.randn(4, 6)
-    with dafast.kernels(mode):
+    with dafast.kernels.mode(mode):
         with pytest.raises(ValueError, match=r"up must have gate's shape \[4, 6\], got \[4, 5\]"):
             swiglu(gate, up[:, :5])
         with pytest.raises(TypeError, match="up must have gate's dtype torch.float32, got "

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 import dafast
 from dafast import data
+from dafast.models import load_model
 from dafast.recipe import Recipe, RecipeError, load_recipe
-from dafast.stages import base, run_stage
+from dafast.stages import build, checkpoints, run_stage, sft as sft_stage, dpo as dpo_stage
+from dafast.stages.metrics import MetricsLog
 
 STEPS = 6
 FAST = dict(max_steps=STEPS, batch_size=2, max_length=96, learning_rate=2e-2, lr_scheduler="constant")
@@ -53,7 +55,7 @@ def losses(stage_dir: Path) -> list[float]:
 def test_stage_trains_and_writes_outputs(kind, tiny_model, tmp_path):
     recipe = recipe_for(tmp_path, **{kind: dict(max_steps=8)})
     stage_dir = tmp_path / kind
-    model_dir = run_stage(kind, recipe, tiny_model, stage_dir)
+    model_dir = run_stage(kind, recipe, tiny_model, stage_dir).model_dir
     curve = losses(stage_dir)
     assert len(curve) == 8 and all(map(torch.isfinite, torch.tensor(curve)))
     assert sum(curve[-2:]) < sum(curve[:2]), curve  # it learns
@@ -67,7 +69,7 @@ def test_stage_trains_and_writes_outputs(kind, tiny_model, tmp_path):
     assert not (stage_dir / "checkpoints").exists() and not (stage_dir / ".partial").exists()
     # a finished stage is not trained again
     (stage_dir / "metrics.jsonl").unlink()
-    assert run_stage(kind, recipe, tiny_model, stage_dir) == model_dir
+    assert run_stage(kind, recipe, tiny_model, stage_dir).model_dir == model_dir
     assert not (stage_dir / "metrics.jsonl").exists()
 
 
@@ -98,12 +100,12 @@ def test_save_dtype_bfloat16_halves_the_stage_models_and_the_next_stage_trains(t
     from dafast import matrix
 
     recipe = recipe_for(tmp_path, save_dtype="bfloat16")
-    cpt = run_stage("cpt", recipe, tiny_model, tmp_path / "cpt")
+    cpt = run_stage("cpt", recipe, tiny_model, tmp_path / "cpt").model_dir
     weights = load_file(cpt / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     full = load_file(tiny_model / "model.safetensors")
     assert sum(t.nbytes for t in weights.values()) * 2 == sum(t.nbytes for t in full.values())
-    sft = run_stage("sft", recipe, cpt, tmp_path / "sft")
+    sft = run_stage("sft", recipe, cpt, tmp_path / "sft").model_dir
     assert len(losses(sft.parent)) == STEPS
     assert {t.dtype for t in load_file(sft / "model.safetensors").values()} == {torch.bfloat16}
     # rounded weights are another result; saving in the training dtype keeps the old keys
@@ -129,12 +131,12 @@ def test_bf16_mixed_precision_trains_fp32_weights_under_autocast(tiny_model, tmp
         seen.append(hidden.dtype)
         return kernel(hidden, *args, **kwargs)
 
-    monkeypatch.setattr("dafast.fused_head.linear_logprobs", spy)
+    monkeypatch.setattr("dafast.losses.linear_logprobs", spy)
     curves = {}
     for mode in ("no", "bf16"):
         seen.clear()
         recipe = recipe_for(tmp_path, mixed_precision=mode)
-        out = run_stage("cpt", recipe, tiny_model, tmp_path / mode)
+        out = run_stage("cpt", recipe, tiny_model, tmp_path / mode).model_dir
         assert set(seen) == {torch.float32 if mode == "no" else torch.bfloat16}
         assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
         curves[mode] = losses(tmp_path / mode)
@@ -158,7 +160,7 @@ def test_kernels_and_references_give_the_same_curve(kind, tiny_model, tmp_path):
     recipe = recipe_for(tmp_path)
     curves = {}
     for mode in ("native", "reference"):
-        with dafast.kernels(mode):
+        with dafast.kernels.mode(mode):
             run_stage(kind, recipe, tiny_model, tmp_path / mode)
         curves[mode] = losses(tmp_path / mode)
     torch.testing.assert_close(torch.tensor(curves["native"]), torch.tensor(curves["reference"]),
@@ -170,14 +172,14 @@ def test_activation_checkpointing_gives_the_same_curve(kind, tiny_model, tmp_pat
     """Off by default (TRL's configs turn it on); on, the layers are recomputed in backward
     (dafast.mlp's own recompute steps aside) and the losses are the same."""
     checkpointed = {}
-    train = base.train
+    train = checkpoints.train
 
     def recording_train(trainer, stage_dir):
         train(trainer, stage_dir)
         checkpointed[stage_dir.name] = trainer.accelerator.unwrap_model(
             trainer.model).get_base_model().is_activation_checkpointing
 
-    monkeypatch.setattr(base, "train", recording_train)
+    monkeypatch.setattr(checkpoints, "train", recording_train)
     for on in (False, True):
         run_stage(kind, recipe_for(tmp_path, activation_checkpointing=on), tiny_model,
                   tmp_path / f"checkpointing-{on}")
@@ -192,8 +194,8 @@ def test_stages_train_on_the_caching_cpu_allocator(tiny_model, tmp_path, monkeyp
     import dafast.memory
 
     during = []
-    train = base.train
-    monkeypatch.setattr(base, "train", lambda trainer, d: (during.append(dafast.memory.enabled()),
+    train = checkpoints.train
+    monkeypatch.setattr(checkpoints, "train", lambda trainer, d: (during.append(dafast.memory.enabled()),
                                                            train(trainer, d)))
     for allocator in ("caching", "system"):
         run_stage("cpt", recipe_for(tmp_path, cpu_allocator=allocator), tiny_model,
@@ -218,14 +220,14 @@ def test_resume_equals_uninterrupted(tiny_model, tmp_path, monkeypatch):
             if state.global_step == 3:  # step 3 logged, past the checkpoint of step 2
                 raise _Killed
 
-    train = base.train
-    monkeypatch.setattr(base, "train", lambda trainer, d: (trainer.add_callback(KillAfter()),
+    train = checkpoints.train
+    monkeypatch.setattr(checkpoints, "train", lambda trainer, d: (trainer.add_callback(KillAfter()),
                                                            train(trainer, d)))
     with pytest.raises(_Killed):
         run_stage("sft", recipe, tiny_model, tmp_path / "resumed")
-    assert base.last_checkpoint(tmp_path / "resumed").endswith("checkpoint-2")
+    assert checkpoints.last_checkpoint(tmp_path / "resumed").endswith("checkpoint-2")
     assert len(losses(tmp_path / "resumed")) == 3
-    monkeypatch.setattr(base, "train", train)
+    monkeypatch.setattr(checkpoints, "train", train)
     run_stage("sft", recipe, tiny_model, tmp_path / "resumed")
 
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
@@ -275,18 +277,17 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
 
 def test_sft_batches_group_conversations_by_length(tiny_model, tmp_path):
     """Grouping by length keeps the data and cuts the padding of the bundled SFT batches."""
-    module = __import__("dafast.stages.sft", fromlist=["build_trainer"])
     (tmp_path / "many").mkdir()
     rows = small_data(tmp_path / "many", "sft", rows=96)  # recipe_for writes its own 8 rows
     padding, seen = {}, {}
     for grouped in (True, False):
         recipe = recipe_for(tmp_path, sft=dict(data=rows, batch_size=8,
                                                group_by_length=grouped))
-        model, tokenizer = base.load_model(tiny_model, torch.float32)
-        dataset = module.build_dataset("sft", recipe.sft, tokenizer)
-        trainer = module.build_trainer("sft", recipe.sft, model, tokenizer, dataset,
-                                       base.trainer_arguments(recipe, "sft", tmp_path / "t"),
-                                       base.peft_config(recipe, "sft"), [])
+        model, tokenizer = build.training_model(recipe, "sft", tiny_model)
+        trainer = sft_stage.build_trainer(
+            model=model, tokenizer=tokenizer,
+            dataset=sft_stage.build_dataset(recipe.sft, tokenizer), settings=recipe.sft,
+            arguments=build.trainer_arguments(recipe, "sft", tmp_path / "t"), callbacks=[])
         batches = list(trainer.get_train_dataloader())
         padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
         seen[grouped] = sorted(tuple(row[m.bool()].tolist()) for b in batches
@@ -299,20 +300,20 @@ def test_dpo_reference_is_the_starting_model(tiny_model, tmp_path):
     """The first DPO loss is ln 2 exactly when the reference equals the policy at step 0, i.e.
     the starting model; after training, the adapter-disabled model still is the starting model."""
     recipe = recipe_for(tmp_path, sft=dict(max_steps=2))
-    start = run_stage("sft", recipe, tiny_model, tmp_path / "sft")  # a start that is not the tiny model
+    start = run_stage("sft", recipe, tiny_model, tmp_path / "sft").model_dir  # not the tiny model
     stage_dir = tmp_path / "dpo"
-    module = __import__("dafast.stages.dpo", fromlist=["build_trainer"])
-    model, tokenizer = base.load_model(start, torch.float32)
-    trainer = module.build_trainer("dpo", recipe.dpo, model, tokenizer,
-                                   module.build_dataset("dpo", recipe.dpo, tokenizer),
-                                   base.trainer_arguments(recipe, "dpo", stage_dir),
-                                   base.peft_config(recipe, "dpo"), [base.MetricsLog(stage_dir / "m.jsonl")])
-    base.train(trainer, stage_dir)
+    model, tokenizer = build.training_model(recipe, "dpo", start)
+    trainer = dpo_stage.build_trainer(
+        model=model, tokenizer=tokenizer, dataset=dpo_stage.build_dataset(recipe.dpo, tokenizer),
+        settings=recipe.dpo, arguments=build.trainer_arguments(recipe, "dpo", stage_dir),
+        callbacks=[MetricsLog(stage_dir / "m.jsonl")])
+    checkpoints.train(trainer, stage_dir)
     first = json.loads((stage_dir / "m.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
 
     ids = torch.tensor([tokenizer("Nacre is made of aragonite tablets.")["input_ids"]])
-    reference, _ = base.load_model(start, torch.float32)
+    reference, _ = load_model(start, dtype=torch.float32)
+    dafast.kernels.revert(trainer.model)  # the head's logits, not its hidden states
     trainer.model.eval()
     with torch.no_grad(), trainer.model.disable_adapter():
         disabled = trainer.model(input_ids=ids).logits

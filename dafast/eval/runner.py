@@ -35,6 +35,7 @@ import torch
 from dafast.eval.answers import continuations, encode_prompt, parse_answer, prompt_text
 from dafast.eval.benchmark import Question, load_benchmark
 from dafast.eval.cloze import cloze_answers, cloze_scores, continuation_ids
+from dafast.models import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -320,28 +321,6 @@ def eval_dtype(device: str, name: str = "auto") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-def load_model(model_dir: str | os.PathLike, *, device: str | None = None, dtype=None):
-    """(model, tokenizer) from a local HF directory or the default model's name.
-
-    safetensors only, no remote code, no hub. Default device: the GPU when there is one; default
-    dtype: :func:`eval_dtype`'s auto.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dafast.models import resolve_model
-
-    path = resolve_model(model_dir)
-    if device is None:
-        device = default_device()
-    if dtype is None:
-        dtype = eval_dtype(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False
-    )
-    return model.to(device).eval(), tokenizer
-
-
 def evaluate_dir(
     model_dir: str | os.PathLike,
     bench: str | os.PathLike | Sequence[Question] = "builtin:biomat",
@@ -351,10 +330,12 @@ def evaluate_dir(
     limit: int | None = None,
     **kwargs,
 ) -> EvalResult:
-    """Load ``model_dir`` (see load_model) and evaluate it on ``bench`` (path, builtin:NAME or
-    questions); ``limit`` keeps the first N questions; other arguments go to :func:`evaluate`."""
+    """Load ``model_dir`` (dafast.models.load_model) and evaluate it on ``bench`` (path,
+    builtin:NAME or questions); ``limit`` keeps the first N questions; other arguments go to
+    :func:`evaluate`. Default device: the GPU when there is one; default dtype: eval_dtype's auto."""
     questions = load_benchmark(bench) if isinstance(bench, (str, os.PathLike)) else list(bench)
     if limit is not None:
         questions = questions[:limit]
-    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
+    device = device or default_device()
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype or eval_dtype(device))
     return evaluate(model, tokenizer, questions, **kwargs)

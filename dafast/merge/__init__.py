@@ -36,9 +36,10 @@ def merge(config: MergeConfig | dict | str | Path, out_dir: str | Path, **option
 
 
 def slerp_merge(base_model: str | Path, other_model: str | Path, out_dir: str | Path, *,
-                t: Any = None, dtype: str = "bfloat16", **options) -> dict:
+                t: Any = None, dtype: str = "float32", **options) -> dict:
     """SLERP `other_model` into `base_model` (t = 0 keeps the base), by default with the paper's
-    t-schedule; either model may be a PEFT adapter directory."""
+    t-schedule; either model may be a PEFT adapter directory. dtype: of the merged weights (the
+    recipe's merge.dtype default too)."""
     config = {
         "merge_method": "slerp",
         "base_model": str(base_model),

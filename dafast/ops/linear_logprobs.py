@@ -118,7 +118,15 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     _check_inputs(hidden, weight, targets, allow_float64=True)
     _check_targets_in_range(targets, weight.shape[0], ignore_index)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = (hidden @ weight.T).to(acc)
+    return logprobs_from_logits((hidden @ weight.T).to(acc), targets, ignore_index, return_stats)
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         return_stats: bool = False):
+    """linear_logprobs' outputs from logits [N, V] already computed (log_softmax in float32, or
+    float64 for float64 logits): the reference, and the loss of heads the kernel does not cover."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     log_probs = logits.log_softmax(-1)
     valid = targets != ignore_index
     safe = targets.masked_fill(~valid, 0).unsqueeze(-1)

@@ -1,17 +1,17 @@
-"""The training stages of the study: cpt, sft, dpo, orpo, each a thin layer over a TRL trainer
-running on dafast's kernels (LoRA layers patched onto dafast.ops.lora_linear, log-probs from
-dafast's fused head).
+"""The training stages of the study: cpt, sft, dpo, orpo, each a short module (its dataset and
+its TRL trainer, whose loss is dafast.losses on the hidden states: dafast.trainers).
 
-    run_stage("sft", recipe, start=Path("runs/x/cpt/model"), stage_dir=Path("runs/x/cpt-sft"))
+    result = run_stage("sft", recipe, start=Path("runs/x/cpt/model"), stage_dir=Path("runs/x/cpt-sft"))
+    result.model_dir, result.adapter_dir, result.metrics_path, result.summary
 
-trains one stage from the model in `start` and returns the directory of the trained model (see
-dafast.stages.base for what the stage directory holds). A stage directory that holds a finished
-result is returned as is; one with checkpoints resumes from the newest.
+trains one stage from the model in `start` and returns its StageResult (see
+dafast.stages.output for what the stage directory holds). A stage directory that holds a
+finished result is returned as is; one with checkpoints resumes from the newest
+(dafast.stages.checkpoints).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from pathlib import Path
@@ -19,33 +19,34 @@ from pathlib import Path
 import dafast.memory
 from dafast.data import DataError
 from dafast.recipe import Recipe
-from dafast.stages import base
+from dafast.stages import checkpoints, cpt, dpo, orpo, sft
+from dafast.stages.build import trainer_arguments, training_model
+from dafast.stages.checkpoints import CheckpointMarker
+from dafast.stages.metrics import MetricsLog, quiet_console
+from dafast.stages.output import StageResult, is_complete, write_outputs
 
-MODULES = {"cpt": "sft", "sft": "sft", "dpo": "dpo", "orpo": "orpo"}
+STAGES = {"cpt": cpt, "sft": sft, "dpo": dpo, "orpo": orpo}
 log = logging.getLogger("dafast.stages")
 
 
-def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> Path:
+def run_stage(kind: str, recipe: Recipe, start: Path, stage_dir: Path) -> StageResult:
     stage_dir = Path(stage_dir)
-    if base.is_complete(stage_dir):
-        return stage_dir / "model"
+    if is_complete(stage_dir):
+        return StageResult.read(stage_dir)
     started = time.time()
     stage_dir.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"dafast.stages.{MODULES[kind]}")
-    settings = recipe.stage(kind)
-    base.use_dafast_head()
-    model, tokenizer = base.load_model(Path(start), base.training_dtype(recipe))
-    dataset = module.build_dataset(kind, settings, tokenizer)  # validates every row first
-    trainer = module.build_trainer(kind, settings, model, tokenizer, dataset,
-                                   base.trainer_arguments(recipe, kind, stage_dir),
-                                   base.peft_config(recipe, kind),
-                                   [base.MetricsLog(stage_dir / "metrics.jsonl"),
-                                    base.CheckpointMarker()])
-    base.quiet_console(trainer)
+    stage, settings = STAGES[kind], recipe.stage(kind)
+    model, tokenizer = training_model(recipe, kind, Path(start))
+    dataset = stage.build_dataset(settings, tokenizer)  # validates every row first
+    trainer = stage.build_trainer(
+        model=model, tokenizer=tokenizer, dataset=dataset, settings=settings,
+        arguments=trainer_arguments(recipe, kind, stage_dir),
+        callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), CheckpointMarker()])
+    quiet_console(trainer)
     _check_dropped_rows(kind, settings, dataset, trainer.train_dataset)
     with dafast.memory.caching_cpu_allocator(recipe.cpu_allocator == "caching"):
-        base.train(trainer, stage_dir)
-    return base.finish(trainer, tokenizer, recipe, settings, stage_dir, kind, started)
+        checkpoints.train(trainer, stage_dir)
+    return write_outputs(trainer, tokenizer, recipe, kind, stage_dir, started)
 
 
 def _check_dropped_rows(kind: str, settings, rows, kept) -> None:
@@ -61,4 +62,4 @@ def _check_dropped_rows(kind: str, settings, rows, kept) -> None:
     log.warning("%s: %d of %d rows dropped: %s", settings.data, dropped, len(rows), why)
 
 
-__all__ = ["run_stage"]
+__all__ = ["STAGES", "StageResult", "run_stage"]
