@@ -166,8 +166,7 @@ class Recipe(Settings):
                                                             "faster in bf16; no elsewhere (LoRA "
                                                             "stages: dafast's LoRA CPU kernel "
                                                             "multiplies in fp32 whatever its "
-                                                            "input, and autocast did not pay "
-                                                            "for itself there end to end)")
+                                                            "input)")
     activation_checkpointing: bool = Field(False, description="recompute each layer's activations "
                                          "in backward instead of keeping them: much less "
                                          "activation memory (large models, long sequences) for "
