@@ -1,5 +1,7 @@
-// linear_logprobs: input checks and the device-independent tile loop, shared by the CPU
-// registration (ops.cpp) and the CUDA registration (ops_cuda.cpp). A Backend supplies the folds
+// linear_logprobs, linear_logprobs_backward: input checks (TORCH_CHECK, the only place they are
+// written: dafast/ops/linear_logprobs.py's reference calls them through dafast._C) and the
+// device-independent tile loop, shared by the CPU registration (ops.cpp) and the CUDA
+// registration (ops_cuda.cpp). A Backend supplies the folds
 // (csrc/cpu/linear_logprobs.cpp, csrc/cuda/linear_logprobs.cu) and the tile shape; the GEMMs
 // are ATen calls (MKL/oneDNN on the CPU, cuBLAS on CUDA).
 #pragma once
@@ -18,18 +20,10 @@
 
 namespace dafast {
 
-inline DType to_kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "dafast: unsupported dtype ", dtype_name(type));
-  }
-}
-
+// allow_float64: what the reference also takes (golden values); the kernels never do.
 inline void check_linear_logprobs_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                                          const at::Tensor& targets, int64_t token_chunk,
-                                         int64_t vocab_chunk) {
+                                         int64_t vocab_chunk, bool allow_float64 = false) {
   constexpr const char* op = "dafast.linear_logprobs: ";
   TORCH_CHECK_VALUE(hidden.dim() == 2, op, "hidden must be 2-D [N, H], got shape ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, op, "weight must be 2-D [V, H], got shape ", weight.sizes());
@@ -40,7 +34,8 @@ inline void check_linear_logprobs_inputs(const at::Tensor& hidden, const at::Ten
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == hidden.size(0), op,
                     "targets must have shape [N] = [", hidden.size(0), "], got ", targets.sizes());
   TORCH_CHECK_TYPE(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kHalf ||
-                       hidden.scalar_type() == at::kBFloat16,
+                       hidden.scalar_type() == at::kBFloat16 ||
+                       (allow_float64 && hidden.scalar_type() == at::kDouble),
                    op, "hidden must be float32, float16 or bfloat16, got ",
                    dtype_name(hidden.scalar_type()));
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), op,
@@ -63,6 +58,22 @@ inline void refuse_bad_target(const at::Tensor& targets, const at::Tensor& bad, 
   TORCH_CHECK_VALUE(false, "dafast.linear_logprobs: targets must be in [0, V) = [0, ", vocab,
                     ") or equal ignore_index (", ignore_index, "), got targets[", where, "] = ",
                     targets[where].item<int64_t>());
+}
+
+// The targets neither ignored (valid: targets != ignore_index) nor in [0, vocab): [N] bool.
+inline at::Tensor bad_targets(const at::Tensor& targets, const at::Tensor& valid, int64_t vocab) {
+  return valid & ((targets < 0) | (targets >= vocab));
+}
+
+// Every check of one call, for dafast/ops/linear_logprobs.py's reference path (through
+// dafast._C), so that it refuses what the kernels refuse, with their messages.
+inline void check_linear_logprobs_call(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& targets, int64_t ignore_index,
+                                       int64_t token_chunk, int64_t vocab_chunk,
+                                       bool allow_float64) {
+  check_linear_logprobs_inputs(hidden, weight, targets, token_chunk, vocab_chunk, allow_float64);
+  const at::Tensor bad = bad_targets(targets, targets != ignore_index, weight.size(0));
+  if (bad.any().item<bool>()) refuse_bad_target(targets, bad, weight.size(0), ignore_index);
 }
 
 // The tokens whose target is not ignored, ready for the GEMMs. Selected (the usual case): no
@@ -133,7 +144,7 @@ inline LogprobsRows select_rows(const at::Tensor& hidden, const at::Tensor& targ
       rows.valid = valid;
     }
   } else {
-    const at::Tensor bad = valid & ((targets < 0) | (targets >= vocab));
+    const at::Tensor bad = bad_targets(targets, valid, vocab);
     if (may_sync) {
       const at::Tensor counts = at::stack({valid.sum(), bad.sum()}).cpu();
       const int64_t* c = counts.const_data_ptr<int64_t>();

@@ -1,15 +1,18 @@
 // The dafast operator library: schemas, CPU implementations, and the pybind11 module
-// `dafast._C` for what is not an op (build information, the caching CPU allocator). Loading the
-// module registers the ops as torch.ops.dafast.*; the CUDA implementations live in ops_cuda.cpp
-// (CUDA builds only).
+// `dafast._C` for what is not an op (build information, the caching CPU allocator, the ops'
+// input checks for the pure-PyTorch references). Loading the module registers the ops as
+// torch.ops.dafast.*; the CUDA implementations live in ops_cuda.cpp (CUDA builds only).
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/Utils.h>
 
 #include "cpu/caching_allocator.h"
 #include "cpu/kernels.h"
 #include "linear_logprobs_op.h"
-#include "ops_common.h"
+#include "lora_linear_op.h"
+#include "slerp_op.h"
+#include "swiglu_op.h"
 
 #ifdef DAFAST_WITH_CUDA
 namespace dafast {
@@ -141,14 +144,52 @@ pybind11::dict build_info() {
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
                           std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);
+  // The ops as the dispatcher holds them (not as this file means them), so that a test can
+  // tell a missing registration from a present one.
+  pybind11::list ops;
+  for (const c10::OperatorName& name : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (name.name.rfind("dafast::", 0) == 0) ops.append(name.name.substr(8));
+  }
+  ops.attr("sort")();
+  info["ops"] = ops;
   return info;
+}
+
+// Bad input is a ValueError or TypeError from the check functions below, as it is from the ops.
+void translate_check_errors(std::exception_ptr error) {
+  try {
+    if (error) std::rethrow_exception(error);
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+  }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dafast native kernels; the ops are registered as torch.ops.dafast.*";
-  m.def("build_info", &build_info, "Backends and versions this extension was compiled with.");
+  m.def("build_info", &build_info, "Backends, versions and ops this extension was compiled with.");
+  pybind11::register_local_exception_translator(&translate_check_errors);
+  // The ops' input checks (<op>_op.h) for the pure-PyTorch references in dafast/ops, which thus
+  // refuse what the kernels refuse, with the same messages: the checks are written once.
+  namespace py = pybind11;
+  m.def("check_slerp", &dafast::check_slerp_call, py::arg("a"), py::arg("b"), py::arg("t"),
+        py::arg("dot_threshold"), py::arg("eps"), py::arg("sums"), py::arg("out"),
+        py::arg("allow_float64"));
+  m.def("check_lora_linear",
+        [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+           const at::Tensor& lora_a, const at::Tensor& lora_b, double scale) {
+          dafast::check_lora_inputs(x, weight, bias, lora_a, lora_b, scale);
+        },
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"),
+        py::arg("scale"));
+  m.def("check_linear_logprobs", &dafast::check_linear_logprobs_call, py::arg("hidden"),
+        py::arg("weight"), py::arg("targets"), py::arg("ignore_index"), py::arg("token_chunk"),
+        py::arg("vocab_chunk"), py::arg("allow_float64"));
+  m.def("check_swiglu", &dafast::check_swiglu_inputs, py::arg("gate"), py::arg("up"),
+        py::arg("allow_float64"));
   // The caching CPU allocator (cpu/caching_allocator.cpp), driven by dafast/memory.py.
   m.def("cpu_allocator_enable", &dafast::cpu_allocator_enable);
   m.def("cpu_allocator_disable", &dafast::cpu_allocator_disable);

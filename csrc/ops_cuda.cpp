@@ -14,19 +14,12 @@
 #include "dafast/slerp_cuda.h"
 #include "dafast/swiglu_cuda.h"
 #include "linear_logprobs_op.h"
-#include "ops_common.h"
+#include "lora_linear_op.h"
+#include "slerp_op.h"
+#include "swiglu_op.h"
 
 namespace dafast {
 namespace {
-
-DType kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "dafast: unsupported dtype ", type);
-  }
-}
 
 int sm_count(int device) {
   int sms = 0;
@@ -48,7 +41,7 @@ void slerp_sums_into_cuda(const at::Tensor& a, const at::Tensor& b, at::Tensor& 
   const int max_blocks = blocks_to_fill_device(a.get_device());
   at::Tensor workspace = at::zeros({static_cast<int64_t>(slerp_cuda_workspace_bytes(max_blocks))},
                                    a.options().dtype(at::kByte));
-  check_launch(slerp_cuda_sums(kernel_dtype(a.scalar_type()), a.const_data_ptr(),
+  check_launch(slerp_cuda_sums(to_kernel_dtype(a.scalar_type()), a.const_data_ptr(),
                                b.const_data_ptr(), a.numel(), sums.mutable_data_ptr<double>(),
                                workspace.mutable_data_ptr(), max_blocks,
                                c10::cuda::getCurrentCUDAStream()));
@@ -58,7 +51,7 @@ void slerp_write_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor
                       at::Tensor& out, const SlerpParams& params) {
   TORCH_CHECK_VALUE(a.is_cuda(), "dafast.slerp: expected CUDA tensors, got ", a.device());
   const c10::cuda::CUDAGuard guard(a.device());
-  check_launch(slerp_cuda_write(kernel_dtype(a.scalar_type()), a.const_data_ptr(),
+  check_launch(slerp_cuda_write(to_kernel_dtype(a.scalar_type()), a.const_data_ptr(),
                                 b.const_data_ptr(), out.mutable_data_ptr(), a.numel(),
                                 sums.const_data_ptr<double>(), params,
                                 blocks_to_fill_device(a.get_device()),
@@ -115,19 +108,19 @@ void lora_linear_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
   const LoraThinPlan plan = lora_thin_plan(s.rows, s.in_features, s.rank, sms);
   at::Tensor row_partial =
       at::empty({plan.col_groups, s.rows, s.rank}, x.options().dtype(at::kFloat));
-  check_launch(lora_thin_products(plan, kernel_dtype(x.scalar_type()), x.const_data_ptr(), s.rows,
+  check_launch(lora_thin_products(plan, to_kernel_dtype(x.scalar_type()), x.const_data_ptr(), s.rows,
                                   s.in_features, s.rank, DType::kFloat32, nullptr, nullptr,
-                                  kernel_dtype(a_t.scalar_type()), a_t.const_data_ptr(),
+                                  to_kernel_dtype(a_t.scalar_type()), a_t.const_data_ptr(),
                                   row_partial.mutable_data_ptr<float>(), stream),
                "x A^T");
   check_launch(lora_sum_partials(row_partial.const_data_ptr<float>(), plan.col_groups,
-                                 s.rows * s.rank, 1.0f, kernel_dtype(xa.scalar_type()),
+                                 s.rows * s.rank, 1.0f, to_kernel_dtype(xa.scalar_type()),
                                  xa.mutable_data_ptr(), stream),
                "x A^T (sum)");
-  check_launch(lora_expand(kernel_dtype(xa.scalar_type()), xa.const_data_ptr(),
-                           kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(), s.rows,
+  check_launch(lora_expand(to_kernel_dtype(xa.scalar_type()), xa.const_data_ptr(),
+                           to_kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(), s.rows,
                            s.out_features, s.rank, static_cast<float>(scale),
-                           kernel_dtype(y.scalar_type()),
+                           to_kernel_dtype(y.scalar_type()),
                            bias.has_value() ? bias->const_data_ptr() : nullptr,
                            y.mutable_data_ptr(), stream),
                "b + s xa B^T");
@@ -173,18 +166,18 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
         need_b ? at::empty({plan.splits, s.out_features, s.rank}, f32) : at::Tensor();
     at::Tensor row_partial = need_rows ? at::empty({plan.col_groups, nr, s.rank}, f32) : at::Tensor();
     check_launch(lora_thin_products(
-                     plan, kernel_dtype(grad_y.scalar_type()), grad_y.narrow(0, r0, nr).const_data_ptr(),
+                     plan, to_kernel_dtype(grad_y.scalar_type()), grad_y.narrow(0, r0, nr).const_data_ptr(),
                      nr, s.out_features, s.rank,
-                     need_b ? kernel_dtype(xa.scalar_type()) : DType::kFloat32,
+                     need_b ? to_kernel_dtype(xa.scalar_type()) : DType::kFloat32,
                      need_b ? xa.narrow(0, r0, nr).const_data_ptr() : nullptr,
                      need_b ? col_partial.mutable_data_ptr<float>() : nullptr,
-                     kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(),
+                     to_kernel_dtype(lora_b.scalar_type()), lora_b.const_data_ptr(),
                      need_rows ? row_partial.mutable_data_ptr<float>() : nullptr, stream),
                  "dY^T xa and dY B");
     if (need_b && !blocked) {
       check_launch(lora_sum_partials(col_partial.const_data_ptr<float>(), plan.splits,
                                      s.out_features * s.rank, static_cast<float>(scale),
-                                     kernel_dtype(grad_b.scalar_type()), grad_b.mutable_data_ptr(),
+                                     to_kernel_dtype(grad_b.scalar_type()), grad_b.mutable_data_ptr(),
                                      stream),
                    "dB (sum)");
     } else if (need_b) {
@@ -207,7 +200,7 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   if (need_a) {  // dA^T = x^T dXA: the column product over one read of x
     const LoraThinPlan plan_x = lora_thin_plan(s.rows, s.in_features, s.rank, sms);
     at::Tensor col_x = at::empty({plan_x.splits, s.in_features, s.rank}, f32);
-    check_launch(lora_thin_products(plan_x, kernel_dtype(x.scalar_type()), x.const_data_ptr(),
+    check_launch(lora_thin_products(plan_x, to_kernel_dtype(x.scalar_type()), x.const_data_ptr(),
                                     s.rows, s.in_features, s.rank, DType::kFloat32,
                                     dxa.const_data_ptr(), col_x.mutable_data_ptr<float>(),
                                     DType::kFloat32, nullptr, nullptr, stream),
@@ -215,7 +208,7 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
     at::Tensor grad_a_t = at::empty({s.in_features, s.rank}, lora_a.options());
     check_launch(lora_sum_partials(col_x.const_data_ptr<float>(), plan_x.splits,
                                    s.in_features * s.rank, 1.0f,
-                                   kernel_dtype(grad_a_t.scalar_type()),
+                                   to_kernel_dtype(grad_a_t.scalar_type()),
                                    grad_a_t.mutable_data_ptr(), stream),
                  "dA (sum)");
     grad_a.copy_(grad_a_t.t());
@@ -223,8 +216,8 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   if (need_x) {  // dx = dXA A, then the GEMM accumulates dY W onto it (beta = 1)
     const at::Tensor a_t = lora_a.t().contiguous();
     check_launch(lora_expand(DType::kFloat32, dxa.const_data_ptr(),
-                             kernel_dtype(a_t.scalar_type()), a_t.const_data_ptr(), s.rows,
-                             s.in_features, s.rank, 1.0f, kernel_dtype(grad_x.scalar_type()),
+                             to_kernel_dtype(a_t.scalar_type()), a_t.const_data_ptr(), s.rows,
+                             s.in_features, s.rank, 1.0f, to_kernel_dtype(grad_x.scalar_type()),
                              nullptr, grad_x.mutable_data_ptr(), stream),
                  "dXA A");
     grad_x.addmm_(grad_y, weight);
@@ -293,7 +286,7 @@ void check_swiglu_launch(cudaError_t err) {
 void swiglu_forward_cuda(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
   TORCH_CHECK_VALUE(gate.is_cuda(), "dafast.swiglu: expected CUDA tensors, got ", gate.device());
   const c10::cuda::CUDAGuard guard(gate.device());
-  check_swiglu_launch(swiglu_cuda_forward(kernel_dtype(gate.scalar_type()), gate.const_data_ptr(),
+  check_swiglu_launch(swiglu_cuda_forward(to_kernel_dtype(gate.scalar_type()), gate.const_data_ptr(),
                                           up.const_data_ptr(), out.mutable_data_ptr(),
                                           gate.numel(), blocks_to_fill_device(gate.get_device()),
                                           c10::cuda::getCurrentCUDAStream()));
@@ -304,7 +297,7 @@ void swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& gate, co
   TORCH_CHECK_VALUE(gate.is_cuda(), "dafast.swiglu: expected CUDA tensors, got ", gate.device());
   const c10::cuda::CUDAGuard guard(gate.device());
   check_swiglu_launch(swiglu_cuda_backward(
-      kernel_dtype(gate.scalar_type()), grad_out.const_data_ptr(), gate.const_data_ptr(),
+      to_kernel_dtype(gate.scalar_type()), grad_out.const_data_ptr(), gate.const_data_ptr(),
       up.const_data_ptr(), grad_gate.mutable_data_ptr(), grad_up.mutable_data_ptr(), gate.numel(),
       blocks_to_fill_device(gate.get_device()), c10::cuda::getCurrentCUDAStream()));
 }

@@ -20,7 +20,7 @@ import pathlib
 import warnings
 from typing import Iterator
 
-import torch  # noqa: F401  - loads libtorch/libc10, which dafast._C links against
+import torch  # also loads libtorch/libc10, which dafast._C links against
 
 MODES = ("auto", "native", "reference")
 
@@ -90,6 +90,19 @@ def use_native() -> bool:
             stacklevel=3,
         )
     return False
+
+
+def check_inputs(op: str, *args) -> None:
+    """Run the native op's input checks (csrc/<op>_op.h, the one place they are written) on a
+    call of its pure-PyTorch reference, so that the reference refuses bad input as the kernel
+    does: the same ValueError or TypeError, the same message.
+
+    Skipped without the extension (a broken build, warned about once by use_native): the
+    references then raise PyTorch's own errors. Skipped while torch.compile traces, which cannot
+    enter a C++ function; the compiled graph's ops raise their own errors then.
+    """
+    if _C is not None and not torch.compiler.is_compiling():
+        getattr(_C, f"check_{op}")(*args)
 
 
 def cpu_has_native_bf16() -> bool:

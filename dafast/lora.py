@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import nn
 
-from dafast.ops.lora import lora_linear
+from dafast.ops.lora_linear import lora_linear
 
 __all__ = ["patch", "unpatch", "is_patched"]
 

@@ -29,9 +29,79 @@ def test_cuda_backend_built_when_torch_has_cuda():
     assert "cuda" in dafast.build_info()["backends"]
 
 
-def test_ops_are_registered():
-    assert torch.ops.dafast.slerp.default is not None
-    assert torch.ops.dafast.slerp_out.default is not None
+def _op_calls():
+    """Each registered op called once on small inputs, with what it must return, from the
+    pure-PyTorch references (and autograd through them for the backward ops)."""
+    from dafast.ops import (linear_logprobs_reference, lora_linear_reference, slerp_reference,
+                            swiglu_reference)
+    from dafast.ops.slerp import slerp_sums_reference
+
+    ops = torch.ops.dafast
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    out = torch.empty(5, 7)
+
+    def slerp_out():
+        ops.slerp_out(a, b, 0.3, sums=None, out=out)
+        return out
+
+    def slerp_out_with_sums():
+        ops.slerp_out(a, b, 0.3, 0.9995, 1e-8, sums=slerp_sums_reference(a, b), out=out)
+        return out
+
+    x, w, bias = torch.randn(3, 6, requires_grad=True), torch.randn(4, 6), torch.randn(4)
+    lora_a = torch.randn(2, 6, requires_grad=True)
+    lora_b = torch.randn(4, 2, requires_grad=True)
+    grad_y = torch.randn(3, 4)
+    lora_grads = torch.autograd.grad(lora_linear_reference(x, w, bias, lora_a, lora_b, 0.5),
+                                     (x, lora_a, lora_b), grad_y)
+    xa = (x @ lora_a.T).detach()
+    lora_args = (x.detach(), w, bias, lora_a.detach(), lora_b.detach())
+
+    hidden = torch.randn(6, 8, requires_grad=True)
+    head = torch.randn(11, 8, requires_grad=True)
+    targets = torch.tensor([3, -100, 0, 10, 5, -100])
+    logp = linear_logprobs_reference(hidden, head, targets)
+    grad_logp = torch.randn(6)
+    logprobs_grads = torch.autograd.grad(logp, (hidden, head), grad_logp)
+    lse = torch.logsumexp(hidden.detach() @ head.detach().T, -1)
+
+    gate, up = torch.randn(4, 9, requires_grad=True), torch.randn(4, 9, requires_grad=True)
+    grad_h = torch.randn(4, 9)
+    swiglu_grads = torch.autograd.grad(swiglu_reference(gate, up), (gate, up), grad_h)
+    return {
+        "slerp": [(lambda: ops.slerp(a, b, 0.3), slerp_reference(a, b, 0.3))],
+        "slerp_out": [(slerp_out, slerp_reference(a, b, 0.3)),
+                      (slerp_out_with_sums, slerp_reference(a, b, 0.3))],
+        "slerp_sums": [(lambda: ops.slerp_sums(a, b), slerp_sums_reference(a, b))],
+        "lora_linear": [(lambda: ops.lora_linear(*lora_args, 0.5),
+                         (lora_linear_reference(*lora_args, 0.5), xa))],
+        "lora_linear_backward": [(lambda: ops.lora_linear_backward(
+            grad_y, x.detach(), w, lora_a.detach(), lora_b.detach(), xa, 0.5, [True, True, True]),
+            lora_grads)],
+        "linear_logprobs": [(lambda: ops.linear_logprobs(hidden.detach(), head.detach(), targets)[:2],
+                             (logp.detach(), lse.masked_fill(targets == -100, 0)))],
+        "linear_logprobs_backward": [(lambda: ops.linear_logprobs_backward(
+            grad_logp, hidden.detach(), head.detach(), targets,
+            lse.masked_fill(targets == -100, 0), -100, 0, 0, True, True), logprobs_grads)],
+        "swiglu": [(lambda: ops.swiglu(gate.detach(), up.detach()),
+                    swiglu_reference(gate.detach(), up.detach()))],
+        "swiglu_backward": [(lambda: ops.swiglu_backward(grad_h, gate.detach(), up.detach()),
+                             swiglu_grads)],
+    }
+
+
+def test_every_registered_op_computes_its_reference():
+    """The ops the dispatcher holds are exactly those called here, and each returns what its
+    reference computes: a missing, extra or broken registration fails."""
+    calls = _op_calls()
+    assert dafast.build_info()["ops"] == sorted(calls)
+    for name, cases in calls.items():
+        for call, want in cases:
+            got = call()
+            got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+            assert len(got) == len(want), name
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w.detach(), rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_context_manager_routes_to_reference(monkeypatch):

@@ -112,13 +112,26 @@ def test_dhidden_in_forward_matches_float64(dtype, cpu_bf16_gemm):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_frozen_weight_skips_dw(device):
+def test_frozen_weight_skips_dw(device, monkeypatch):
+    """A frozen head's backward never asks the kernel for dW (on the CPU it calls no backward
+    op at all: dHidden came with the forward), and its dHidden is the trainable head's."""
     hidden, weight, targets = make_inputs(1000, 1000, torch.float32, device)
-    h = hidden.clone().requires_grad_()
-    linear_logprobs(h, weight, targets).sum().backward()
+    asked_for_dw = []
+    backward_op = torch.ops.dafast.linear_logprobs_backward
+
+    def spy(*args):
+        asked_for_dw.append(args[9])  # weight_grad, as dafast/ops/linear_logprobs.py passes it
+        return backward_op(*args)
+
+    monkeypatch.setattr(torch.ops.dafast, "linear_logprobs_backward", spy)
     h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     linear_logprobs(h_full, w_full, targets).sum().backward()
-    assert weight.grad is None
+    assert asked_for_dw == [True] and w_full.grad.abs().sum() > 0  # the spy sees the calls
+    asked_for_dw.clear()
+    h = hidden.clone().requires_grad_()
+    linear_logprobs(h, weight, targets).sum().backward()
+    assert True not in asked_for_dw
+    assert asked_for_dw == ([] if device == "cpu" else [False])
     torch.testing.assert_close(h.grad, h_full.grad, rtol=1e-6, atol=1e-7)
     lse = torch.ops.dafast.linear_logprobs(hidden, weight, targets)[1]
     grad_h, grad_w = torch.ops.dafast.linear_logprobs_backward(

@@ -99,7 +99,7 @@ if [ $dry = 1 ]; then
     -k "layer and fp32 and 576x576" --benchmark-json="$out/raw/bench.json"
 else
   step bench 120 python -m pytest -q -p no:cacheprovider bench/test_lora.py -k "layer or loss_step" \
-    bench/test_losses.py --benchmark-json="$out/raw/bench.json"
+    bench/test_linear_logprobs.py --benchmark-json="$out/raw/bench.json"
 fi
 step steps 100 python bench/gpu/steps.py "$out/raw/figures_steps.csv" \
   $([ $dry = 1 ] && echo --dry-run)

@@ -46,9 +46,8 @@ from typing import NamedTuple
 
 import torch
 
-from dafast._native import extension_loaded, use_native
+from dafast._native import check_inputs, extension_loaded, use_native
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OP = "dafast.linear_logprobs: "
 # Config attributes that change a model's logits beyond hidden @ weight.T.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
@@ -73,50 +72,11 @@ class LogprobStats(NamedTuple):
     is_top1: torch.Tensor     # [N] bool
 
 
-def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int = 0, vocab_chunk_size: int = 0, *,
-                  allow_float64: bool = False) -> None:
-    """The checks of csrc/ops_common.h, for the reference path and the fakes; same messages."""
-    if hidden.dim() != 2:
-        raise ValueError(f"{_OP}hidden must be 2-D [N, H], got shape {list(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"{_OP}weight must be 2-D [V, H], got shape {list(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{_OP}hidden [N, H] and weight [V, H] must have the same H, got hidden "
-                         f"{list(hidden.shape)} and weight {list(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{_OP}weight must have at least one row (V > 0)")
-    if targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"{_OP}targets must have shape [N] = [{hidden.shape[0]}], got "
-                         f"{list(targets.shape)}")
-    if hidden.dtype not in KERNEL_DTYPES and not (allow_float64 and hidden.dtype == torch.float64):
-        raise TypeError(f"{_OP}hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{_OP}weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    if targets.dtype != torch.int64:
-        raise TypeError(f"{_OP}targets must be torch.int64, got {targets.dtype}")
-    if not hidden.device == weight.device == targets.device:
-        raise ValueError(f"{_OP}hidden, weight and targets must be on one device, got "
-                         f"{hidden.device}, {weight.device} and {targets.device}")
-    if chunk_size < 0 or vocab_chunk_size < 0:
-        raise ValueError(f"{_OP}chunk sizes must be >= 0 (0: automatic), got {chunk_size} and "
-                         f"{vocab_chunk_size}")
-
-
-def _check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bad.any():
-        where = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{_OP}targets must be in [0, V) = [0, {vocab}) or equal ignore_index "
-                         f"({ignore_index}), got targets[{where}] = {int(targets[where])}")
-
-
 def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               ignore_index: int = -100, return_stats: bool = False):
     """The unfused path: full logits in the input dtype, log_softmax in float32 (float64 for
     float64 inputs), gather. Same shapes and results as linear_logprobs; holds [N, V] logits."""
-    _check_inputs(hidden, weight, targets, allow_float64=True)
-    _check_targets_in_range(targets, weight.shape[0], ignore_index)
+    check_inputs("linear_logprobs", hidden, weight, targets, int(ignore_index), 0, 0, True)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return logprobs_from_logits((hidden @ weight.T).to(acc), targets, ignore_index, return_stats)
 
@@ -151,8 +111,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     beyond fp32 rounding.
     """
     token_chunk, vocab_chunk = int(chunk_size or 0), int(vocab_chunk_size or 0)
-    if not use_native():
-        _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
+    if not use_native():  # the kernels' dtypes only, and their chunk sizes
+        check_inputs("linear_logprobs", hidden, weight, targets, int(ignore_index), token_chunk,
+                     vocab_chunk, False)
         return linear_logprobs_reference(hidden, weight, targets, ignore_index, return_stats)
     # See the module docstring: a frozen head's hidden gradient, computed in the forward (CPU).
     with_dhidden = (hidden.device.type == "cpu" and torch.is_grad_enabled()
@@ -167,13 +128,15 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 if extension_loaded():
 
+    # Shape functions: the C++ op checks its inputs when it runs. The forward's fake checks what
+    # its shapes rest on, and refuses with_dhidden off the CPU as the CUDA kernel does.
     @torch.library.register_fake("dafast::linear_logprobs")
     def _linear_logprobs_fake(hidden, weight, targets, ignore_index=-100, token_chunk=0,
                               vocab_chunk=0, with_stats=False, with_dhidden=False):
-        _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
-        if with_dhidden and hidden.device.type != "cpu":  # as linear_logprobs_op.h refuses it
-            raise ValueError(f"{_OP}with_dhidden is implemented on the CPU only, not on "
-                             f"{hidden.device}")
+        torch._check_value(hidden.dim() == 2, lambda: f"{_OP}hidden must be 2-D [N, H], got "
+                           f"shape {list(hidden.shape)}")
+        torch._check_value(not with_dhidden or hidden.device.type == "cpu", lambda: (
+            f"{_OP}with_dhidden is implemented on the CPU only, not on {hidden.device}"))
         n = hidden.shape[0]
         f32 = dict(dtype=torch.float32)
         # The positions computed: as many as are not ignored (or all N): data-dependent.
@@ -187,7 +150,6 @@ if extension_loaded():
     def _linear_logprobs_backward_fake(grad_logp, hidden, weight, targets, lse, ignore_index,
                                        token_chunk, vocab_chunk, hidden_grad, weight_grad,
                                        rows=None):
-        _check_inputs(hidden, weight, targets, token_chunk, vocab_chunk)
         return (hidden.new_empty(hidden.shape if hidden_grad else (0,)),
                 weight.new_empty(weight.shape if weight_grad else (0,)))
 

@@ -26,47 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from dafast._native import extension_loaded, use_native
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_inputs(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float,
-                  eps: float, *, allow_float64: bool = False) -> None:
-    """The checks of csrc/ops_common.h, for the reference path and the fake; same messages."""
-    if a.dtype != b.dtype:
-        raise TypeError(f"dafast.slerp: a and b must have the same dtype, got {a.dtype} and {b.dtype}")
-    if a.dtype not in KERNEL_DTYPES and not (allow_float64 and a.dtype == torch.float64):
-        raise TypeError(f"dafast.slerp: dtype must be float32, float16 or bfloat16, got {a.dtype}")
-    if a.shape != b.shape:
-        raise ValueError(f"dafast.slerp: a and b must have the same shape, got {list(a.shape)} "
-                         f"and {list(b.shape)}")
-    if a.device != b.device:
-        raise ValueError(f"dafast.slerp: a and b must be on the same device, got {a.device} and {b.device}")
-    if not 0.0 <= t <= 1.0:  # also false for NaN
-        raise ValueError(f"dafast.slerp: t must be in [0, 1], got {t}")
-    if not 0.0 <= dot_threshold < 1.0:
-        raise ValueError(f"dafast.slerp: dot_threshold must be in [0, 1), got {dot_threshold}")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"dafast.slerp: eps must be in [0, 1), got {eps}")
-
-
-def _check_sums(a: torch.Tensor, sums: torch.Tensor) -> None:
-    if sums.dtype != torch.float64:
-        raise TypeError(f"dafast.slerp: sums must be float64 (from slerp_sums), got {sums.dtype}")
-    if sums.shape != (3,):
-        raise ValueError(f"dafast.slerp: sums must have shape [3] (|a|^2, |b|^2, a.b), got {list(sums.shape)}")
-    if sums.device != a.device:
-        raise ValueError(f"dafast.slerp: sums must be on {a.device}, got {sums.device}")
-
-
-def _check_out(a: torch.Tensor, out: torch.Tensor) -> None:
-    if out.dtype != a.dtype:
-        raise TypeError(f"dafast.slerp: out must have dtype {a.dtype}, got {out.dtype}")
-    if out.shape != a.shape:
-        raise ValueError(f"dafast.slerp: out must have shape {list(a.shape)}, got {list(out.shape)}")
-    if out.device != a.device:
-        raise ValueError(f"dafast.slerp: out must be on {a.device}, got {out.device}")
+from dafast._native import check_inputs, extension_loaded, use_native
 
 
 def slerp_reference(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,
@@ -77,7 +37,7 @@ def slerp_reference(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: f
     Returns [*] in a's dtype. Computes in float32 (float64 for float64 inputs), without host
     synchronisation: both branches are evaluated and the coefficients selected with where().
     """
-    _check_inputs(a, b, t, dot_threshold, eps, allow_float64=True)
+    check_inputs("slerp", a, b, t, dot_threshold, eps, None, None, True)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     x = a.reshape(-1).to(acc)
     y = b.reshape(-1).to(acc)
@@ -102,7 +62,7 @@ def slerp_reference(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: f
 
 def slerp_sums_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[*], [*] -> float64 [3]: |a|^2, |b|^2 and a.b, accumulated in float64."""
-    _check_inputs(a, b, 0.0, 0.0, 0.0, allow_float64=True)
+    check_inputs("slerp", a, b, 0.0, 0.0, 0.0, None, None, True)  # valid t, threshold, eps
     x = a.reshape(-1).double()
     y = b.reshape(-1).double()
     return torch.stack([x.dot(x), y.dot(y), x.dot(y)])
@@ -112,8 +72,7 @@ def slerp_from_sums_reference(a: torch.Tensor, b: torch.Tensor, sums: torch.Tens
                               dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """SLERP of a and b (or chunks of larger tensors) with the coefficients from `sums`, the
     float64 [|a|^2, |b|^2, a.b] of the whole tensors; the math of csrc/include/dafast/slerp.h."""
-    _check_inputs(a, b, t, dot_threshold, eps, allow_float64=True)
-    _check_sums(a, sums)
+    check_inputs("slerp", a, b, t, dot_threshold, eps, sums, None, True)
     aa, bb, ab = sums.unbind()
     norm_a = torch.where(aa.sqrt() > eps, aa.sqrt(), 1.0)
     norm_b = torch.where(bb.sqrt() > eps, bb.sqrt(), 1.0)
@@ -133,7 +92,7 @@ def slerp_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Sums of chunks add up to the sums of the whole; pass them to slerp(..., sums=)."""
     if use_native():
         return torch.ops.dafast.slerp_sums(a, b)
-    _check_inputs(a, b, 0.0, 0.0, 0.0)
+    check_inputs("slerp", a, b, 0.0, 0.0, 0.0, None, None, False)  # the kernels' dtypes only
     return slerp_sums_reference(a, b)
 
 
@@ -155,32 +114,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9
             out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
         torch.ops.dafast.slerp_out(a, b, t, dot_threshold, eps, sums=sums, out=out)
         return out
-    _check_inputs(a, b, t, dot_threshold, eps)
+    check_inputs("slerp", a, b, t, dot_threshold, eps, sums, out, False)  # the kernels' dtypes only
     if sums is None:
         result = slerp_reference(a, b, t, dot_threshold, eps)
     else:
         result = slerp_from_sums_reference(a, b, sums, t, dot_threshold, eps)
-    if out is None:
-        return result
-    _check_out(a, out)
-    return out.copy_(result)
+    return result if out is None else out.copy_(result)
 
 
 if extension_loaded():
+    # Shape functions only: the C++ op checks its inputs when it runs.
 
     @torch.library.register_fake("dafast::slerp")
     def _slerp_fake(a, b, t, dot_threshold=0.9995, eps=1e-8):
-        _check_inputs(a, b, t, dot_threshold, eps)
         return a.new_empty(a.shape)
 
     @torch.library.register_fake("dafast::slerp_out")
     def _slerp_out_fake(a, b, t, dot_threshold=0.9995, eps=1e-8, *, sums=None, out):
-        _check_inputs(a, b, t, dot_threshold, eps)
-        _check_out(a, out)
-        if sums is not None:
-            _check_sums(a, sums)
+        return None  # writes `out` in place
 
     @torch.library.register_fake("dafast::slerp_sums")
     def _slerp_sums_fake(a, b):
-        _check_inputs(a, b, 0.0, 0.0, 0.0)
         return a.new_empty(3, dtype=torch.float64)

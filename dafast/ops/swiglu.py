@@ -18,33 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dafast._native import extension_loaded, use_native
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_OP = "dafast.swiglu: "
-
-
-def _check_pair(gate: torch.Tensor, other: torch.Tensor, name: str) -> None:
-    if other.dtype != gate.dtype:
-        raise TypeError(f"{_OP}{name} must have gate's dtype {gate.dtype}, got {other.dtype}")
-    if other.shape != gate.shape:
-        raise ValueError(f"{_OP}{name} must have gate's shape {list(gate.shape)}, got "
-                         f"{list(other.shape)}")
-    if other.device != gate.device:
-        raise ValueError(f"{_OP}{name} must be on gate's device {gate.device}, got {other.device}")
-
-
-def _check_inputs(gate: torch.Tensor, up: torch.Tensor, *, allow_float64: bool = False) -> None:
-    """The checks of csrc/ops_common.h (check_swiglu_inputs), in order, with the same messages."""
-    if gate.dtype not in KERNEL_DTYPES and not (allow_float64 and gate.dtype == torch.float64):
-        raise TypeError(f"{_OP}gate must be float32, float16 or bfloat16, got {gate.dtype}")
-    _check_pair(gate, up, "up")
+from dafast._native import check_inputs, extension_loaded, use_native
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up computed in float32 (float64 for float64 inputs), rounded once to the
     inputs' dtype; autograd does the backward."""
-    _check_inputs(gate, up, allow_float64=True)
+    check_inputs("swiglu", gate, up, True)
     acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
     return (F.silu(gate.to(acc)) * up.to(acc)).to(gate.dtype)
 
@@ -69,15 +49,14 @@ def _backward(ctx, grad_out):
 
 
 if extension_loaded():
+    # Shape functions only: the C++ op checks its inputs when it runs.
+
     @torch.library.register_fake("dafast::swiglu")
     def _swiglu_fake(gate, up):
-        _check_inputs(gate, up)
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("dafast::swiglu_backward")
     def _swiglu_backward_fake(grad_out, gate, up):
-        _check_inputs(gate, up)
-        _check_pair(gate, grad_out, "grad_out")
         return (torch.empty_like(gate, memory_format=torch.contiguous_format),
                 torch.empty_like(gate, memory_format=torch.contiguous_format))
 

@@ -2,7 +2,7 @@
 //
 //   logp[i] = z[i, t_i] - logsumexp_v z[i, v],   z = hidden W^T   (never held whole)
 //
-// The op body (csrc/ops_common.h) walks the logits in tiles of [token chunk, vocab chunk]: a GEMM
+// The op body (csrc/linear_logprobs_op.h) walks the logits in tiles of [token chunk, vocab chunk]: a GEMM
 // writes one fp32 tile, then a device kernel folds it. The forward fold updates, per token, a
 // running max m, sum_exp s = sum exp(z - m) and the target's logit (plus, on request, the sums for
 // the entropy, the mean logit and whether the target is the argmax). The backward fold turns a

@@ -5,8 +5,8 @@ unfused path (logits = hidden @ W^T, float32 log_softmax, gather: the baseline; 
 fused losses join on a GPU, role "liger"). Peer and baseline get the same loss arithmetic on
 top of their per-token log-probs (dafast.losses' formulas), so only the log-prob path differs.
 
-    pytest bench/test_losses.py --benchmark-autosave -s && python bench/compare.py
-    DAFAST_BENCH_BATCH=1 DAFAST_BENCH_SEQ=128 pytest bench/test_losses.py --benchmark-disable
+    pytest bench/test_linear_logprobs.py --benchmark-autosave -s && python bench/compare.py
+    DAFAST_BENCH_BATCH=1 DAFAST_BENCH_SEQ=128 pytest bench/test_linear_logprobs.py --benchmark-disable
 
 The second is CI's smoke run: one untimed step each, on a 4099-entry vocabulary.
 
@@ -188,7 +188,7 @@ def peak_rss_child(loss, dtype_name, head, role):
 
 def peak_rss_mib(loss, dtype, head, role):
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            "from test_losses import peak_rss_child\n"
+            "from test_linear_logprobs import peak_rss_child\n"
             f"peak_rss_child({loss!r}, {str(dtype).split('.')[-1]!r}, {head!r}, {role!r})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).parent.parent)

@@ -23,64 +23,10 @@ rounds the sum, one rounding more for writing y once.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from dafast._native import extension_loaded, use_native
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _check_inputs(x, weight, bias, lora_a, lora_b, scale) -> None:
-    """The checks of csrc/ops_common.h (check_lora_inputs), in order, with the same messages."""
-    if x.dtype not in KERNEL_DTYPES + (torch.float64,):
-        raise TypeError(f"dafast.lora_linear: x must be float32, float16, bfloat16 or float64, "
-                        f"got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("dafast.lora_linear: x must be [..., in_features], got a scalar")
-    if weight.dim() != 2:
-        raise ValueError(f"dafast.lora_linear: weight must be 2-D [out_features, in_features], "
-                         f"got shape {list(weight.shape)}")
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"dafast.lora_linear: in_features mismatch: x has shape {list(x.shape)} "
-                         f"but weight has shape {list(weight.shape)}")
-    if lora_a.dim() != 2 or lora_a.shape[1] != in_features or lora_a.shape[0] < 1:
-        raise ValueError(f"dafast.lora_linear: lora_a must be [r, in_features={in_features}], "
-                         f"got shape {list(lora_a.shape)}")
-    rank = lora_a.shape[0]
-    if lora_b.dim() != 2:
-        raise ValueError(f"dafast.lora_linear: lora_b must be 2-D [out_features, r], got shape "
-                         f"{list(lora_b.shape)}")
-    if lora_b.shape[1] != rank:
-        raise ValueError(f"dafast.lora_linear: rank mismatch: lora_a has shape "
-                         f"{list(lora_a.shape)} (r={rank}) but lora_b has shape "
-                         f"{list(lora_b.shape)} (r={lora_b.shape[1]})")
-    if lora_b.shape[0] != out_features:
-        raise ValueError(f"dafast.lora_linear: lora_b must be [out_features={out_features}, r], "
-                         f"got shape {list(lora_b.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
-        raise ValueError(f"dafast.lora_linear: bias must be [out_features={out_features}], got "
-                         f"shape {list(bias.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"dafast.lora_linear: weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"dafast.lora_linear: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-    if lora_b.dtype != lora_a.dtype:
-        raise TypeError(f"dafast.lora_linear: lora_a and lora_b must have the same dtype, got "
-                        f"{lora_a.dtype} and {lora_b.dtype}")
-    if not (lora_a.dtype == x.dtype or (lora_a.dtype == torch.float32 and x.dtype in _HALF)):
-        raise TypeError(f"dafast.lora_linear: lora_a and lora_b must have x's dtype {x.dtype} (or "
-                        f"torch.float32 when x is bfloat16 or float16), got {lora_a.dtype}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"dafast.lora_linear: {name} must be on x's device {x.device}, got "
-                             f"{t.device}")
-    if not math.isfinite(scale):
-        raise ValueError(f"dafast.lora_linear: scale must be finite, got {scale}")
+from dafast._native import check_inputs, extension_loaded, use_native
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -90,7 +36,7 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     x [*, in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [*, out]
     in x's dtype. The tests and benchmarks use it as PEFT's semantics in a function.
     """
-    _check_inputs(x, weight, bias, lora_a, lora_b, scale)
+    check_inputs("lora_linear", x, weight, bias, lora_a, lora_b, float(scale))
     result = F.linear(x, weight, bias)
     lora = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale
     return (result + lora).to(x.dtype)
@@ -138,12 +84,23 @@ def _backward(ctx, grad_y, _grad_xa):
 
 if extension_loaded():
 
+    # Shape functions: the C++ op checks its inputs when it runs. The fake checks what its
+    # shapes rest on, and the devices: it is the kernel whenever an input is on the meta device
+    # (the dispatcher picks Meta over CPU), and it refuses what the CUDA kernel refuses.
     @torch.library.register_fake("dafast::lora_linear")
     def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale):
-        _check_inputs(x, weight, bias, lora_a, lora_b, scale)
-        if x.dtype == torch.float64 and x.device.type == "cuda":  # as ops_cuda.cpp refuses it
-            raise TypeError(f"dafast.lora_linear: float64 is supported on the CPU only (for "
-                            f"gradcheck), got a float64 tensor on {x.device}")
+        op = "dafast.lora_linear: "
+        torch._check_value(x.dim() >= 1, lambda: f"{op}x must be [..., in_features], got a scalar")
+        torch._check_value(weight.dim() == 2, lambda: f"{op}weight must be 2-D [out_features, "
+                           f"in_features], got shape {list(weight.shape)}")
+        torch._check_value(lora_a.dim() == 2, lambda: f"{op}lora_a must be [r, in_features="
+                           f"{weight.shape[1]}], got shape {list(lora_a.shape)}")
+        for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+            torch._check_value(t is None or t.device == x.device, lambda: f"{op}{name} must be on "
+                               f"x's device {x.device}, got {t.device}")
+        torch._check_type(x.dtype != torch.float64 or x.device.type != "cuda", lambda: (
+            f"{op}float64 is supported on the CPU only (for gradcheck), got a float64 tensor on "
+            f"{x.device}"))
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         xa = x.new_empty((*x.shape[:-1], lora_a.shape[0]), dtype=lora_a.dtype)
         return y, xa
