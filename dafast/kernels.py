@@ -80,6 +80,8 @@ def apply(model: nn.Module) -> Applied:
         _head(model).forward = _hidden_states
     else:
         log.info("dafast.kernels: the LM head computes logits: %s", reason)
+    log.debug("dafast.kernels: %d LoRA layers and %d MLPs on dafast's kernels, head %s",
+              lora_layers, mlps, "deferred to the loss" if reason is None else "kept")
     return Applied(lora_layers, mlps, reason is None, reason)
 
 
