@@ -249,9 +249,9 @@ def _eval_path(node: Node, recipe: Recipe, root: Path) -> Path:
 
     settings = recipe.eval
     # The headline column only changes how the report reads the answers; "auto" is keyed by the
-    # device and the dtype it resolves to.
+    # device and the dtype it resolves to; the benchmark by the lines evaluated, not its name.
     device = default_device()
-    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype"}),
+    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype", "bench"}),
                 _data_identity(settings.bench, "benchmark"),
                 device, str(eval_dtype(device, settings.dtype)))
     return root / "eval" / f"{node.name}-{key}.json"
