@@ -77,13 +77,14 @@ Text = Annotated[str, BeforeValidator(_text)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
-class _Row(BaseModel):
+class Row(BaseModel):
+    """A validated row of one of the formats."""
     # strict: "yes" is not a bool and 1 is not a string; extra keys are ignored (a corpus row's
     # id and title, a distilled question's source).
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
-class Message(_Row):
+class Message(Row):
     model_config = ConfigDict(extra="forbid")
     role: str
     content: Text = Field(None, validate_default=True)
@@ -117,11 +118,11 @@ def _ends_with_assistant(value: str | list[Message]) -> str | list[Message]:
     return value
 
 
-class CorpusRow(_Row):
+class CorpusRow(Row):
     text: Text = Field(None, validate_default=True)
 
 
-class SftRow(_Row):
+class SftRow(Row):
     """A conversation (loss on the assistant turns) or a prompt and its completion."""
     messages: Messages | None = None
     prompt: Turn | None = None
@@ -156,7 +157,7 @@ class SftRow(_Row):
         return _ends_with_assistant(value)
 
 
-class PreferenceRow(_Row):
+class PreferenceRow(Row):
     prompt: Turn = Field(None, validate_default=True)
     chosen: Turn = Field(None, validate_default=True)
     rejected: Turn = Field(None, validate_default=True)
@@ -181,7 +182,7 @@ def parse_options(question: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _OPTION_LINE.finditer(question)}
 
 
-class BenchmarkRow(_Row):
+class BenchmarkRow(Row):
     """One benchmark question (the format of dafast/eval/benchmark.py's docstring)."""
     id: Text
     type: Annotated[str, BeforeValidator(lambda v: _one_of(TYPES, v))]
@@ -225,7 +226,7 @@ class BenchmarkRow(_Row):
         return parse_options(self.question) if self.type == "mc" else {}
 
 
-MODELS: dict[str, type[_Row]] = {"cpt": CorpusRow, "sft": SftRow, "dpo": PreferenceRow,
+MODELS: dict[str, type[Row]] = {"cpt": CorpusRow, "sft": SftRow, "dpo": PreferenceRow,
                                  "orpo": PreferenceRow, "benchmark": BenchmarkRow}
 
 
@@ -250,7 +251,7 @@ def _describe(error: dict) -> str:
     return f"field {field!r}: {error['msg']}" if field else error["msg"]
 
 
-def check_row(row: object, where: str, kind: str) -> _Row:
+def check_row(row: object, where: str, kind: str) -> Row:
     """One row of `kind` (cpt, sft, dpo, orpo, benchmark) as its model; DataError (BenchmarkError
     for a benchmark row) naming `where` and the field otherwise."""
     if kind not in MODELS:

@@ -59,8 +59,8 @@ def resolve(source: str | os.PathLike, kind: str) -> Path:
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / file).is_file():
-            raise MissingSource(f"{text}: the directory has no {file} (the file a {kind} "
-                                "reads from a dataset directory)")
+            raise MissingSource(f"{text}: the directory has no {file} (the {kind} file of a "
+                                "dataset directory)")
         return (path / file).resolve()
     if path.is_file():
         return path.resolve()
