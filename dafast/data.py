@@ -5,11 +5,9 @@
     prompt/completion {"prompt": ..., "completion": ...}          SFT (loss on the completion)
     preference    {"prompt": ..., "chosen": ..., "rejected": ...} DPO, ORPO (strings or messages)
 
-A source is a file, a directory laid out like a bundled dataset (e.g. what `python -m
-dafast.distill` writes: the stage's corpus.jsonl, sft.jsonl, preferences.jsonl or benchmark.jsonl
-in it), or `builtin:NAME` for data shipped in the package: `builtin:biomat` picks the file the
-stage needs, `builtin:biomat/sft` names one.
-Every row is checked when the file is read; the first bad row raises DataError naming the file,
+Sources (a file, a dataset directory, `builtin:NAME` or a bare bundled NAME) resolve in
+dafast.sources, and rows validate against the models of dafast.formats, so the stages, the
+benchmark and distillation read data one way. The first bad row raises DataError naming the file,
 the line and the field, so nothing trains on half-read data.
 
 Tokenisation is dafast's own, not the trainers': CPT packs the corpus into fixed chunks that each
@@ -21,137 +19,25 @@ renders a conversation's prefix as a prefix (TRL needs `{% generation %}` marker
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
-import json
 import os
 import random
 import re
-from pathlib import Path
-from typing import Any
+
+from dafast import sources
+# Public here too. One row validator for every reader: check_row(row, "file:line", kind) -> the
+# row's model (dafast.formats); one resolver and one reader (dafast.sources).
+from dafast.formats import DataError, check_row  # noqa: F401
+from dafast.sources import read_jsonl, resolve as resolve_source  # noqa: F401
 
 IGNORE_INDEX = -100
-# The file a stage reads from a bundled dataset directory (builtin:NAME).
-BUILTIN_FILES = {"cpt": "corpus", "sft": "sft", "dpo": "preferences", "orpo": "preferences",
-                 "eval": "benchmark"}
-ROLES = ("system", "user", "assistant")
 # A sentence ends at . ! or ? followed by white space and a capital letter or digit.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
 
-class DataError(ValueError):
-    """A dataset row that cannot be used; the message names the file, line and field."""
-
-
-def resolve_source(source: str | os.PathLike, kind: str) -> Path:
-    """The file behind `source` for a stage of `kind` (cpt, sft, dpo, orpo, eval)."""
-    text = os.fspath(source)
-    if not text.startswith("builtin:"):
-        path = Path(text).expanduser()
-        if path.is_dir():
-            path = path / f"{BUILTIN_FILES[kind]}.jsonl"
-            if not path.is_file():
-                raise DataError(f"{text}: the directory has no {path.name} (the file a {kind} "
-                                "stage reads from a dataset directory)")
-        if not path.is_file():
-            raise DataError(f"{text}: no such data file")
-        return path.resolve()
-    name, _, part = text[len("builtin:"):].partition("/")
-    root = importlib.resources.files("dafast") / "data" / name
-    if not name or not root.is_dir():
-        available = sorted(p.name for p in (importlib.resources.files("dafast") / "data").iterdir()
-                           if p.is_dir() and not p.name.startswith("_"))
-        raise DataError(f"{text}: no bundled dataset {name!r}; bundled: {', '.join(available)}")
-    path = Path(str(root / f"{part or BUILTIN_FILES[kind]}.jsonl"))
-    if not path.is_file():
-        raise DataError(f"{text}: the bundled dataset {name!r} has no file {path.name}")
-    return path
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; DataError on bad JSON or a non-object."""
-    rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                                f"column {e.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
-
-
-def _fail(where: str, field: str, message: str):
-    raise DataError(f"{where}: field {field!r}: {message}")
-
-
-def _check_text(value: Any, where: str, field: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        _fail(where, field, "must be a non-empty string")
-
-
-def _check_messages(value: Any, where: str, field: str, *, last_role: str | None = None) -> None:
-    if not isinstance(value, list) or not value:
-        _fail(where, field, "must be a non-empty list of {\"role\", \"content\"} messages")
-    for i, message in enumerate(value):
-        at = f"{field}[{i}]"
-        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
-            _fail(where, at, "must be an object with exactly \"role\" and \"content\"")
-        if message["role"] not in ROLES:
-            _fail(where, f"{at}.role", f"must be one of {', '.join(ROLES)}, got {message['role']!r}")
-        _check_text(message.get("content"), where, f"{at}.content")
-    if last_role and value[-1]["role"] != last_role:
-        _fail(where, field, f"the last message must be the {last_role}'s")
-
-
-def _check_turn(value: Any, where: str, field: str, role: str) -> None:
-    """A prompt or completion: a string, or a message list."""
-    if isinstance(value, list):
-        _check_messages(value, where, field, last_role=role if role == "assistant" else None)
-    else:
-        _check_text(value, where, field)
-
-
-def check_row(row: dict, where: str, kind: str) -> None:
-    if kind == "cpt":
-        _check_text(row.get("text"), where, "text")
-    elif kind == "sft":
-        if "messages" in row:
-            _check_messages(row["messages"], where, "messages")
-            if not any(m["role"] == "assistant" for m in row["messages"]):
-                _fail(where, "messages", "has no assistant message, so nothing to learn")
-        elif "prompt" in row or "completion" in row:
-            _check_turn(row.get("prompt"), where, "prompt", "user")
-            _check_turn(row.get("completion"), where, "completion", "assistant")
-        else:
-            raise DataError(f"{where}: an SFT row needs \"messages\", or \"prompt\" and \"completion\"")
-    elif kind in ("dpo", "orpo"):
-        _check_turn(row.get("prompt"), where, "prompt", "user")
-        for field in ("chosen", "rejected"):
-            _check_turn(row.get(field), where, field, "assistant")
-        if row["chosen"] == row["rejected"]:
-            _fail(where, "rejected", "equals chosen, so the pair teaches nothing")
-    else:
-        raise ValueError(f"unknown data kind {kind!r}")
-
-
 def load_rows(source: str | os.PathLike, kind: str) -> list[dict]:
     """Read and validate every row of `source` for a stage of `kind` (cpt, sft, dpo, orpo)."""
-    path = resolve_source(source, kind)
-    rows = read_jsonl(path)
-    for number, row in rows:
-        check_row(row, f"{path}:{number}", kind)
-    return [row for _, row in rows]
+    _, rows = sources.read(source, kind)
+    return [row for _, row, _ in rows]
 
 
 # --- tokenisation ---------------------------------------------------------------------------

@@ -115,11 +115,8 @@ class Collector:
 
     def add(self, row: dict, key: str, where: str) -> bool:
         try:
-            if self.kind == "eval":
-                benchmark.check_row(row, where)
-            else:
-                data.check_row(row, where, self.kind)
-        except (data.DataError, benchmark.BenchmarkError) as e:
+            data.check_row(row, where, self.kind)
+        except data.DataError as e:  # a BenchmarkError too
             logger.warning("dropped: %s", e)
             self.dropped["invalid"] += 1
             return False
@@ -185,11 +182,10 @@ def distill(corpus: str | os.PathLike, out_dir: str | os.PathLike, teacher: Teac
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     corpus_path = data.resolve_source(corpus, "cpt")
-    rows = data.read_jsonl(corpus_path)
+    rows = data.read_jsonl(corpus_path, "cpt")
     tasks = ["sft", "preferences"] + (["benchmark"] if with_benchmark else [])
     requests, docs = [], []
     for number, row in rows:
-        data.check_row(row, f"{corpus_path}:{number}", "cpt")
         doc_id = str(row.get("id") or f"line-{number}")
         docs.append(doc_id)
         requests.extend(document_requests(doc_id, row["text"][:max_doc_chars], tasks, count,
@@ -199,7 +195,7 @@ def distill(corpus: str | os.PathLike, out_dir: str | os.PathLike, teacher: Teac
     answers = teacher.complete_many(requests)  # raises TeacherError naming the request
 
     out = {"sft": Collector("sft", "sft"), "preferences": Collector("preferences", "dpo"),
-           "benchmark": Collector("benchmark", "eval")}
+           "benchmark": Collector("benchmark", "benchmark")}
     for request, answer in zip(requests, answers):
         doc_id, task = request.name.rsplit("/", 1)
         try:

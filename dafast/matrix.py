@@ -67,13 +67,14 @@ def _file_digest(path: Path) -> str:
 
 
 def _data_identity(source: str, kind: str) -> str:
-    """A data or benchmark file by its contents, so an edited file is not mistaken for a done
-    one; a missing file keeps its name (the stage then fails, saying so)."""
-    from dafast.data import DataError, resolve_source
+    """A data or benchmark source by the lines its reader reads (resolved as the stage or the
+    evaluation resolves it), so an edited file is not mistaken for a done one; a missing file
+    keeps its name (the stage then fails, saying so)."""
+    from dafast import sources
 
     try:
-        return _file_digest(resolve_source(source, kind))
-    except DataError:
+        return sources.digest(source, kind)[:16]
+    except sources.MissingSource:
         return source
 
 
@@ -250,10 +251,10 @@ def _eval_path(node: Node, recipe: Recipe, root: Path) -> Path:
 
     settings = recipe.eval
     # The headline column only changes how the report reads the answers; "auto" is keyed by the
-    # device and the dtype it resolves to.
+    # device and the dtype it resolves to; the benchmark by the lines evaluated, not its name.
     device = default_device()
-    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype"}),
-                _data_identity(settings.bench, "eval"),
+    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype", "bench"}),
+                _data_identity(settings.bench, "benchmark"),
                 device, str(eval_dtype(device, settings.dtype)))
     return root / "eval" / f"{node.name}-{key}.json"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -127,7 +128,6 @@ def test_load_valid(tmp_path):
     ({**MC, "id": "q-3", "question": "Which? one, two or three"}, 2, "option lines"),
     ({**MC, "id": "q-3", "question": "Which?\nA. one\nC. three"}, 2, "consecutive"),
     ({**MC}, 2, "duplicate id 'q-1' (first used on line 1)"),
-    ("", 2, "empty line"),
 ])
 def test_load_reports_file_and_line(tmp_path, bad, line, message):
     path = _write(tmp_path, [MC, bad, TF])
@@ -135,6 +135,14 @@ def test_load_reports_file_and_line(tmp_path, bad, line, message):
         load_benchmark(path)
     assert f"{path}:{line}:" in str(info.value)
     assert message in str(info.value)
+
+
+def test_blank_lines_are_skipped_and_lines_keep_their_numbers(tmp_path):
+    path = _write(tmp_path, [MC, "", "   ", TF, {**TF, "answer": "maybe"}])
+    with pytest.raises(BenchmarkError, match=re.escape(f"{path}:5: field 'answer'")):
+        load_benchmark(path)
+    path = _write(tmp_path, ["", MC, " \t", TF, ""])
+    assert [q.id for q in load_benchmark(path)] == ["q-1", "q-2"]
 
 
 def test_load_empty_and_missing(tmp_path):

@@ -9,6 +9,7 @@ Tests that rerun the matrix work on a copy of the shared run's output directory.
 """
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ from transformers import TrainerCallback
 
 import dafast.eval.runner
 import dafast.merge
-from dafast import matrix, train
+from dafast import matrix, sources, train
+from dafast.eval.benchmark import load_benchmark
 from dafast.recipe import Recipe
 import dafast.stages
 from dafast.stages import checkpoints
@@ -311,6 +313,51 @@ def test_keys_follow_data_contents_not_paths(first_run, tmp_path):
     edited = matrix.build_plan(with_changes(recipe, sft=dict(data=str(copy))))
     assert edited["cpt"].key == nodes["cpt"].key
     assert edited["cpt-sft"].key != nodes["cpt-sft"].key  # one row fewer: retrained
+
+
+def _eval_key(recipe: Recipe, bench) -> str:
+    recipe = with_changes(recipe, eval=dict(bench=str(bench)))
+    return matrix._eval_path(matrix.build_plan(recipe)["instruct"], recipe, Path(recipe.output_dir)).name
+
+
+def test_the_eval_key_changes_iff_the_evaluated_questions_change(tiny_model, tmp_path, monkeypatch):
+    """The key of a cached evaluation and the benchmark evaluated cannot come apart: a bundled
+    benchmark named bare or as builtin:NAME, or copied with blank lines and CRLF line ends, is one
+    key; a question fewer or changed is another; a local directory of the bundled name is read
+    and keyed instead of the bundled set."""
+    monkeypatch.chdir(tmp_path)  # where "keldara" names no file, until the end
+    recipe = recipe_for(tmp_path, model=str(tiny_model), eval=dict(limit=3))
+    lines = sources.resolve("builtin:keldara", "benchmark").read_text().splitlines()
+    variants = {"spaced": "\n" + "\n\n".join(lines) + "\n   \n", "crlf": "\r\n".join(lines),
+                "fewer": "\n".join(lines[:-1]) + "\n",
+                "changed": "\n".join([json.dumps({**json.loads(lines[0]), "id": "renamed"})]
+                                     + lines[1:]) + "\n"}
+    specs = ["builtin:keldara", "keldara"]
+    for name, text in variants.items():
+        (tmp_path / f"{name}.jsonl").write_bytes(text.encode())
+        specs.append(tmp_path / f"{name}.jsonl")
+    specs.append("builtin:biomat")
+    keys = [_eval_key(recipe, spec) for spec in specs]
+    evaluated = [load_benchmark(spec) for spec in specs]
+    for i, j in itertools.combinations(range(len(specs)), 2):
+        assert (keys[i] == keys[j]) == (evaluated[i] == evaluated[j]), (specs[i], specs[j])
+    assert len(set(keys)) == 4  # keldara (4 ways), fewer, changed, biomat
+
+    (tmp_path / "keldara").mkdir()  # an existing path wins over the bundled name
+    shutil.copy(tmp_path / "fewer.jsonl", tmp_path / "keldara" / "benchmark.jsonl")
+    assert load_benchmark("keldara") == evaluated[specs.index(tmp_path / "fewer.jsonl")]
+    assert _eval_key(recipe, "keldara") == keys[specs.index(tmp_path / "fewer.jsonl")]
+
+
+def test_stage_keys_read_bare_names_and_blank_lines_as_the_stage_does(tiny_model, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = recipe_for(tmp_path, model=str(tiny_model), pipelines=["sft"])
+    key = lambda data: matrix.build_plan(with_changes(recipe, sft=dict(data=data)))["sft"].key
+    bundled = sources.resolve("builtin:keldara", "sft")
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("\n\n".join(bundled.read_text().splitlines()) + "\n")
+    assert key("keldara") == key("builtin:keldara") == key(str(spaced)) != key("builtin:biomat")
 
 
 def test_the_sweeps_recipe_reuses_the_default_runs_nodes():

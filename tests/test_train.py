@@ -361,6 +361,22 @@ def test_data_sources():
         data.resolve_source("/does/not/exist.jsonl", "sft")
 
 
+def test_data_sources_bare_names_directories_and_blank_lines(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert data.load_rows("keldara", "sft") == data.load_rows("builtin:keldara", "sft")
+    assert data.resolve_source("keldara/corpus", "sft").name == "corpus.jsonl"
+    with pytest.raises(FileNotFoundError, match="builtin:biomat, builtin:keldara"):
+        data.resolve_source("keldar", "sft")  # also a DataError: the stages report it as one
+    (tmp_path / "keldara").mkdir()  # an existing path wins over a bundled name
+    with pytest.raises(data.DataError, match="keldara: the directory has no preferences.jsonl"):
+        data.load_rows("keldara", "dpo")
+    rows = open(small_data(tmp_path, "dpo", rows=2)).read().splitlines()
+    (tmp_path / "keldara" / "preferences.jsonl").write_text(
+        f"\n{rows[0]}\n \t\n{rows[1]}\n" + '{"prompt": "q", "chosen": "a"}\n')
+    with pytest.raises(data.DataError, match=r"preferences.jsonl:5: field 'rejected'"):
+        data.load_rows("keldara", "dpo")  # blank lines skipped, line numbers kept
+
+
 def test_cpt_packing_puts_bos_first(tiny_model):
     from transformers import AutoTokenizer
 
