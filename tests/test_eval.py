@@ -299,6 +299,26 @@ def test_evaluate_tiny(tiny):
     assert evaluate(model, tokenizer, questions, loglik=False).summary["loglik"] is None
 
 
+def test_loglik_scores_are_the_log_probability_of_each_choice_text(tiny):
+    """Each choice's score is log p(" A" | prompt) (" True", ...) of the model, computed here
+    from one plain forward over the prompt text followed by the choice text."""
+    model, tokenizer, questions = tiny
+    picked = [questions[0], questions[-1]]  # an mc and a tf question
+    result = evaluate(model, tokenizer, picked, batch_size=2, max_new_tokens=1, cloze=False)
+    for record, question in zip(result.records, picked):
+        prompt = prompt_text(tokenizer, question.question)
+        context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        expected = {}
+        for choice in question.choices:
+            ids = tokenizer(prompt + " " + choice, add_special_tokens=False)["input_ids"]
+            assert ids[:len(context)] == context  # the choice is its own tokens here
+            with torch.inference_mode():
+                logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            expected[choice] = sum(logp[i - 1, ids[i]].item()
+                                   for i in range(len(context), len(ids)))
+        assert record.loglik_scores == pytest.approx(expected, abs=1e-4)
+
+
 def test_shared_prefix_cache_changes_nothing(tiny):
     """The prompts' common opening is prefilled once and shared; with padding between it and
     each prompt's own tokens, answers and scores must equal a full prefill of every prompt."""
@@ -407,6 +427,27 @@ def test_report(tiny, tmp_path):
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="appears twice"):
         write_report(tmp_path / "r2", rows + rows[:1])
+
+
+def test_summarize_counts_by_hand():
+    """Four questions, three answered right, one reply unparseable: the accuracies of every
+    group, counted by hand."""
+    def record(qid, category, type_, corpus_only, gold, answer):
+        return Record(qid, category, type_, corpus_only, gold, str(answer), answer, answer == gold,
+                      answers={"generation": answer})
+
+    summary = summarize([record("m0", "basic", "mc", True, "A", "A"),
+                         record("m1", "advanced", "mc", False, "B", "B"),
+                         record("t0", "basic", "tf", False, "True", None),
+                         record("t1", "advanced", "tf", False, "False", "False")])
+    assert summary["n"] == {"overall": 4, "basic": 2, "advanced": 2, "mc": 2, "tf": 2,
+                            "corpus_only": 1, "not_corpus_only": 3, "tune": 4, "held_out": 0}
+    assert summary["generation"] == {"overall": 0.75, "basic": 0.5, "advanced": 1.0, "mc": 1.0,
+                                     "tf": 0.5, "corpus_only": 1.0,
+                                     "not_corpus_only": pytest.approx(2 / 3), "tune": 0.75,
+                                     "held_out": None}
+    assert summary["unparseable"] == 1
+    assert summary["loglik"] is None  # no record has a log-likelihood answer
 
 
 def test_summarize_empty_groups():
