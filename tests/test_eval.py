@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_llama
 from dafast.eval import (
     ANSWER_PREFIX, GROUPS, BenchmarkError, diversity, evaluate, evaluate_dir, expected,
     improvement, load_benchmark, parse_answer, prompt_text, synergy_table, write_report,
@@ -236,7 +237,7 @@ def test_synergy_table():
 def tiny():
     """A tiny random Llama (hidden 32, 2 layers) and a BPE tokenizer trained on the benchmark."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     questions = load_benchmark("builtin:biomat")
     bpe = Tokenizer(models.BPE())
@@ -251,12 +252,8 @@ def tiny():
                                         eos_token="<|im_end|>", pad_token="<|im_end|>",
                                         unk_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer=tokenizer, hidden=32, intermediate=64, max_positions=1024,
+                       seed=0).eval()
     picked = [q for q in questions if q.type == "mc"][:3] + [q for q in questions if q.type == "tf"][:3]
     return model, tokenizer, picked
 
