@@ -14,34 +14,57 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A 2-layer Llama (hidden 32) with SmolLM2's tokenizer and chat template, tied embeddings."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama(dtype=torch.float32, *, hidden=64, intermediate=97, layers=2, heads=4, kv_heads=2,
+               vocab=131, tokenizer=None, tied=False, act="silu", max_positions=64, seed=None,
+               **config):
+    """The tests' one random Llama factory. The defaults are SmolLM2's layout (GQA, SiLU MLP) at
+    toy sizes, odd where they can be: 2 layers, hidden 64, intermediate 97, vocabulary 131.
+    `tokenizer`: take its vocabulary size and BOS/EOS/pad ids (instead of `vocab`);
+    `max_positions` None: LlamaConfig's default; `seed`: seed torch first (else the weights
+    follow the caller's RNG state); `config`: more LlamaConfig fields. Initialised in fp32, then
+    cast to `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tokenizer is not None:
+        vocab = len(tokenizer)
+        config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    if max_positions is not None:
+        config["max_position_embeddings"] = max_positions
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, tie_word_embeddings=tied, hidden_act=act,
+                         **config)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def save_tiny_llama(path, tokenizer=None, **kwargs):
+    """tiny_llama(tokenizer=tokenizer, **kwargs) saved as an HF directory at `path` (with the
+    tokenizer, if given); returns the path."""
+    tiny_llama(tokenizer=tokenizer, **kwargs).save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def save_smollm_tiny(path):
+    """A 2-layer Llama (hidden 32) with SmolLM2's tokenizer and chat template, tied embeddings,
+    seeded: the tiny model the trainer tests train, saved at `path`."""
+    from transformers import AutoTokenizer
 
     from dafast.models import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llama(path, tokenizer, hidden=32, intermediate=64, tied=True,
+                           max_positions=None, seed=0)
 
 
-def tiny_llama(dtype=torch.float32, hidden_act="silu"):
-    """A random Llama with SmolLM2's layout (GQA, SiLU MLP) at toy sizes, odd where it can be:
-    2 layers, hidden 64, intermediate 97, vocabulary 131."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=97, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=131,
-                         max_position_embeddings=64, hidden_act=hidden_act)
-    return LlamaForCausalLM(config).to(dtype)
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """save_smollm_tiny's model directory, shared by the session."""
+    return save_smollm_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def lora_model(dtype=torch.float32, base=None, **lora_kwargs):

@@ -26,23 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_model(out: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from dafast.models import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def train_command(recipe: Path, output_dir: Path) -> list[str]:
     return [sys.executable, "-m", "dafast.train", str(recipe), f"output_dir={output_dir}"]
 
@@ -100,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kill9-"))
 
+    from conftest import save_smollm_tiny
     from test_train import _recipe_file, recipe_for
 
-    model = tiny_model(work / "model")
+    model = save_smollm_tiny(work / "model")
     recipe = _recipe_file(work, recipe_for(work, model=str(model), pipelines=["sft"],
                                            kernels="native"))
     started = time.time()

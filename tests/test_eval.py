@@ -15,6 +15,7 @@ import re
 import pytest
 import torch
 
+from conftest import tiny_llama
 from dafast.eval import (
     ANSWER_PREFIX, GROUPS, BenchmarkError, diversity, evaluate, evaluate_dir, expected,
     improvement, load_benchmark, parse_answer, prompt_text, synergy_table, write_report,
@@ -244,7 +245,7 @@ def test_synergy_table():
 def tiny():
     """A tiny random Llama (hidden 32, 2 layers) and a BPE tokenizer trained on the benchmark."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     questions = load_benchmark("builtin:biomat")
     bpe = Tokenizer(models.BPE())
@@ -259,12 +260,8 @@ def tiny():
                                         eos_token="<|im_end|>", pad_token="<|im_end|>",
                                         unk_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer=tokenizer, hidden=32, intermediate=64, max_positions=1024,
+                       seed=0).eval()
     picked = [q for q in questions if q.type == "mc"][:3] + [q for q in questions if q.type == "tf"][:3]
     return model, tokenizer, picked
 
@@ -305,6 +302,26 @@ def test_evaluate_tiny(tiny):
         assert a.loglik_scores == pytest.approx(b.loglik_scores, abs=1e-4)
 
     assert evaluate(model, tokenizer, questions, loglik=False).summary["loglik"] is None
+
+
+def test_loglik_scores_are_the_log_probability_of_each_choice_text(tiny):
+    """Each choice's score is log p(" A" | prompt) (" True", ...) of the model, computed here
+    from one plain forward over the prompt text followed by the choice text."""
+    model, tokenizer, questions = tiny
+    picked = [questions[0], questions[-1]]  # an mc and a tf question
+    result = evaluate(model, tokenizer, picked, batch_size=2, max_new_tokens=1, cloze=False)
+    for record, question in zip(result.records, picked):
+        prompt = prompt_text(tokenizer, question.question)
+        context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        expected = {}
+        for choice in question.choices:
+            ids = tokenizer(prompt + " " + choice, add_special_tokens=False)["input_ids"]
+            assert ids[:len(context)] == context  # the choice is its own tokens here
+            with torch.inference_mode():
+                logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            expected[choice] = sum(logp[i - 1, ids[i]].item()
+                                   for i in range(len(context), len(ids)))
+        assert record.loglik_scores == pytest.approx(expected, abs=1e-4)
 
 
 def test_shared_prefix_cache_changes_nothing(tiny):
@@ -415,6 +432,27 @@ def test_report(tiny, tmp_path):
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ValueError, match="appears twice"):
         write_report(tmp_path / "r2", rows + rows[:1])
+
+
+def test_summarize_counts_by_hand():
+    """Four questions, three answered right, one reply unparseable: the accuracies of every
+    group, counted by hand."""
+    def record(qid, category, type_, corpus_only, gold, answer):
+        return Record(qid, category, type_, corpus_only, gold, str(answer), answer, answer == gold,
+                      answers={"generation": answer})
+
+    summary = summarize([record("m0", "basic", "mc", True, "A", "A"),
+                         record("m1", "advanced", "mc", False, "B", "B"),
+                         record("t0", "basic", "tf", False, "True", None),
+                         record("t1", "advanced", "tf", False, "False", "False")])
+    assert summary["n"] == {"overall": 4, "basic": 2, "advanced": 2, "mc": 2, "tf": 2,
+                            "corpus_only": 1, "not_corpus_only": 3, "tune": 4, "held_out": 0}
+    assert summary["generation"] == {"overall": 0.75, "basic": 0.5, "advanced": 1.0, "mc": 1.0,
+                                     "tf": 0.5, "corpus_only": 1.0,
+                                     "not_corpus_only": pytest.approx(2 / 3), "tune": 0.75,
+                                     "held_out": None}
+    assert summary["unparseable"] == 1
+    assert summary["loglik"] is None  # no record has a log-likelihood answer
 
 
 def test_summarize_empty_groups():

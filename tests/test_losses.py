@@ -1,8 +1,9 @@
-"""dafast.losses against TRL 1.16 / transformers on the same batch: loss, gradients (hidden and
-head weight) and metrics, in fp32 to 1e-5. TRL's loss code is called where it is a function;
-where it is inlined in a trainer method, it is reproduced below with a pointer to the source."""
+"""dafast.losses against independent references, in fp32 to 1e-5: the explicit logits with
+torch's cross-entropy, transformers' ForCausalLMLoss, TRL 1.16's own DPO and ORPO trainers run
+through their public methods (loss, gradient of every weight, the metrics they log), and the
+papers' formulas on small hand-computed cases."""
 
-from types import SimpleNamespace
+import math
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 import dafast
 from dafast import losses
 
-trl_utils = pytest.importorskip("trl.trainer.utils")
-ORPOTrainer = pytest.importorskip("trl.experimental.orpo").ORPOTrainer
+orpo = pytest.importorskip("trl.experimental.orpo")
+ORPOConfig, ORPOTrainer = orpo.ORPOConfig, orpo.ORPOTrainer
 ForCausalLMLoss = pytest.importorskip("transformers.loss.loss_utils").ForCausalLMLoss
 
 PAIRS, T, H, V = 3, 41, 48, 997
@@ -69,98 +70,192 @@ def test_causal_lm_loss_without_labels_is_zero():
     assert (weight.grad == 0).all()
 
 
-def trl_dpo(logits, labels, ref_chosen, ref_rejected, beta):
-    """TRL 1.16, trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss: per-token log-probs summed
-    over the completion, loss_type "sigmoid" (`-F.logsigmoid(self.beta * delta_score)` with
-    f_divergence_type "reverse_kl"), mean over pairs; then the metrics it logs."""
-    labels = labels[:, 1:]
-    mask = labels != -100
-    per_token = trl_utils.selective_log_softmax(logits[:, :-1], labels.masked_fill(~mask, 0)) * mask
-    chosen_logps, rejected_logps = per_token.sum(dim=1).chunk(2, dim=0)
-    chosen_logratios = chosen_logps - ref_chosen
-    rejected_logratios = rejected_logps - ref_rejected
-    loss = (-F.logsigmoid(beta * (chosen_logratios - rejected_logratios))).mean()
-    chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen_logps.mean(),
-        "logps/rejected": rejected_logps.mean(),
-    }
-    return loss, metrics
-
-
-@pytest.mark.parametrize("beta", [0.1, 0.05])
-@pytest.mark.parametrize("mode", ["native", "reference"])
-def test_dpo_equals_trl(beta, mode):
+def test_token_logprobs_equal_cross_entropy_of_the_logits():
+    """Per-token log-probs, entropy and top-1 flags against the [tokens, vocab] logits computed
+    explicitly: -cross_entropy, -(p log p).sum() and argmax."""
     _, _, labels = preference_batch()
     hidden, weight = leaves()
-    # Reference log-probs as the trainer gets them: the same head on frozen hidden states (the
-    # adapter-disabled model), without gradient.
-    with torch.no_grad():
-        ref_chosen, ref_rejected = losses.sequence_logps(hidden * 0.9, weight, labels).chunk(2)
-    with dafast.kernels.mode(mode):
-        ours, our_metrics = losses.dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, beta=beta)
-    theirs, their_metrics = trl_dpo(hidden @ weight.T, labels, ref_chosen, ref_rejected, beta)
-    assert_same(ours, theirs, (hidden, weight))
-    assert our_metrics.keys() == their_metrics.keys()
-    for key in their_metrics:
-        torch.testing.assert_close(our_metrics[key], their_metrics[key].detach(), **TOL)
+    logp, stats = losses.token_logprobs(hidden, weight, labels, return_stats=True)
+    logits = (hidden @ weight.T)[:, :-1]
+    targets = labels[:, 1:]
+    expected = -F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none")
+    torch.testing.assert_close(logp, expected.view(targets.shape), **TOL)  # 0 where ignored
+    scored = targets != -100
+    log_softmax = logits.log_softmax(-1)
+    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    torch.testing.assert_close(stats.entropy[scored], entropy[scored], **TOL)
+    top1 = logits.argmax(-1) == targets
+    assert torch.equal(stats.is_top1[scored].bool(), top1[scored])
+
+
+# DPO (Rafailov et al. 2023): loss = -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) -
+# (log pi(y_l) - log ref(y_l)))) = log(1 + exp(-x)), averaged over pairs; the rewards TRL logs are
+# beta * each log-ratio. Two pairs with round numbers, computed by hand:
+#   chosen log-ratios  -10 - -12 = 2,   -30 - -29 = -1   -> rewards (beta 0.5)  1, -0.5
+#   rejected log-ratios -14 - -12 = -2, -20 - -22 = 2    -> rewards            -1,  1
+#   x = rewards chosen - rejected = 2, -1.5
+DPO_PAIRS = dict(chosen_logps=torch.tensor([-10.0, -30.0]),
+                 rejected_logps=torch.tensor([-14.0, -20.0]),
+                 ref_chosen_logps=torch.tensor([-12.0, -29.0]),
+                 ref_rejected_logps=torch.tensor([-12.0, -22.0]))
+
+
+def test_dpo_loss_on_hand_computed_pairs():
+    loss, metrics = losses.dpo_loss_from_logps(**DPO_PAIRS, beta=0.5)
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert {k: round(v.item(), 6) for k, v in metrics.items()} == {
+        "rewards/chosen": 0.25, "rewards/rejected": 0.0, "rewards/accuracies": 0.5,
+        "rewards/margins": 0.25, "logps/chosen": -20.0, "logps/rejected": -17.0}
 
 
 def test_dpo_label_smoothing_is_conservative_dpo():
-    _, _, labels = preference_batch()
-    hidden, weight = leaves()
-    ref_chosen, ref_rejected = torch.full((PAIRS,), -200.0), torch.full((PAIRS,), -210.0)
-    ours, _ = losses.dpo_loss(hidden, weight, labels, ref_chosen, ref_rejected, beta=0.1,
-                              label_smoothing=0.2)
-    chosen, rejected = losses.sequence_logps(hidden, weight, labels).chunk(2)
-    x = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
-    # cDPO, as TRL before 1.0 wrote its "sigmoid" loss with label_smoothing
-    expected = (-(1 - 0.2) * F.logsigmoid(x) - 0.2 * F.logsigmoid(-x)).mean()
-    torch.testing.assert_close(ours, expected, **TOL)
+    """cDPO (Mitchell 2023): the preference label flipped with probability 0.2, so each pair's
+    loss is 0.8 log(1 + exp(-x)) + 0.2 log(1 + exp(x)); x = 2, -1.5 as above."""
+    loss, _ = losses.dpo_loss_from_logps(**DPO_PAIRS, beta=0.5, label_smoothing=0.2)
+    expected = sum(0.8 * math.log(1 + math.exp(-x)) + 0.2 * math.log(1 + math.exp(x))
+                   for x in (2.0, -1.5)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
-def trl_orpo(logits, input_ids, attention, labels, beta):
-    """TRL 1.16, trl/experimental/orpo/orpo_trainer.py: ORPOTrainer.concatenated_forward (its
-    inner cross_entropy_loss on the chosen rows, labels = input_ids where attention_mask is 1,
-    and the static get_batch_logps with average_log_prob=True), odds_ratio_loss called as TRL's
-    own method, and get_batch_loss_metrics' `loss = policy_nll_loss - losses.mean()`."""
-    nll_labels = torch.where(attention == 1, input_ids, -100)[:PAIRS]
-    nll = torch.nn.CrossEntropyLoss()(logits[:PAIRS, :-1].reshape(-1, V), nll_labels[:, 1:].reshape(-1))
-    all_logps = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
-    chosen, rejected = all_logps[:PAIRS], all_logps[PAIRS:]
-    trainer = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device=logits.device))
-    orpo_losses, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = (
-        ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected))
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": chosen.mean(),
-        "logps/rejected": rejected.mean(),
-        "nll_loss": nll,
-        "log_odds_ratio": log_odds_ratio,
-        "log_odds_chosen": log_odds_chosen,
-    }
-    return nll - orpo_losses.mean(), metrics, nll_labels
+def test_orpo_loss_on_hand_computed_probabilities():
+    """ORPO (Hong et al. 2024): loss = NLL(chosen) - beta * log sigmoid(log odds(y_w) - log
+    odds(y_l)), odds(y) = p / (1 - p) with p the completion's length-averaged probability (in log
+    space, as TRL). One pair of 5-token rows: the chosen completion's 2 tokens at probability
+    1/2 each (odds 1), the rejected's at 1/4 (odds 1/3): log-odds ratio ln 3, log sigmoid(ln 3) =
+    ln 3/4. The NLL covers the chosen prompt too, 2 tokens at 1/4: (2 ln 4 + 2 ln 2) / 4."""
+    labels = torch.tensor([[-100, -100, -100, 7, 8], [-100, -100, -100, 9, 10]])
+    nll_labels = torch.tensor([[-100, 5, 6, 7, 8]])
+    # shifted as token_logprobs gives them, log-prob 0 where a label is ignored
+    logp = torch.tensor([[0.25, 0.25, 0.5, 0.5], [1.0, 1.0, 0.25, 0.25]]).log()
+    beta = 0.1
+    loss, metrics = losses.orpo_loss_from_token_logps(logp, labels, nll_labels, beta=beta)
+    nll = (2 * math.log(4) + 2 * math.log(2)) / 4
+    assert loss.item() == pytest.approx(nll - beta * math.log(3 / 4), rel=1e-6)
+    expected = {"rewards/chosen": beta * math.log(1 / 2),
+                "rewards/rejected": beta * math.log(1 / 4), "rewards/accuracies": 1.0, "rewards/margins": beta * math.log(2),
+                "logps/chosen": math.log(1 / 2), "logps/rejected": math.log(1 / 4),
+                "nll_loss": nll, "log_odds_ratio": math.log(3 / 4), "log_odds_chosen": math.log(3)}
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key].item() == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-@pytest.mark.parametrize("mode", ["native", "reference"])
-def test_orpo_equals_trl(beta, mode):
-    input_ids, attention, labels = preference_batch()
-    hidden, weight = leaves()
-    theirs, their_metrics, nll_labels = trl_orpo(hidden @ weight.T, input_ids, attention, labels, beta)
+# The losses against TRL's own trainers, run through their public methods on a tiny random Llama
+# with TRL's own LM head (dafast's is switched off while they are built): the same batch, the
+# same weights; loss, the gradient of every weight, and the metrics TRL logs.
+PREFERENCES = [
+    {"prompt": "Nacre is made of", "chosen": " aragonite tablets.", "rejected": " pure iron."},
+    {"prompt": "Bone is", "chosen": " a composite of collagen and hydroxyapatite.",
+     "rejected": " a metal."},
+    {"prompt": "Spider silk is spun", "chosen": " from proteins.",
+     "rejected": " out of rocks that grow slowly in caves."},
+]
+
+
+@pytest.fixture
+def trl_head():
+    """TRL's own fused LM head for the trainers built in the test; dafast's as before after."""
+    import importlib
+
+    import dafast.fused_head
+
+    dpo_module = importlib.import_module("trl.trainer.dpo_trainer")
+    was_dafast = dpo_module.add_fused_lm_head is dafast.fused_head.add_fused_lm_head
+    dafast.fused_head.use_in_trl(False)
+    yield
+    dafast.fused_head.use_in_trl(was_dafast)
+
+
+def random_llama(tiny_model, seed):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():  # away from the saved initialisation, so policy and reference differ
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def trainer_arguments(tmp_path, beta):
+    # fp32 throughout: TRL's configs default to bf16, which would run the reference under autocast
+    return dict(output_dir=str(tmp_path), per_device_train_batch_size=len(PREFERENCES), beta=beta,
+                max_length=64, bf16=False, activation_checkpointing=False, report_to="none",
+                use_cpu=True, dataset_num_proc=None)
+
+
+def assert_same_training_signal(ours, theirs, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.testing.assert_close(ours, theirs, **TOL)
+    ours_grads = torch.autograd.grad(ours, params, allow_unused=True)
+    theirs_grads = torch.autograd.grad(theirs, params, allow_unused=True)
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("beta, mode", [(0.1, "native"), (0.5, "reference")])
+def test_dpo_equals_trls_dpo_trainer(beta, mode, tiny_model, tmp_path, trl_head):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    policy, reference = random_llama(tiny_model, 1), random_llama(tiny_model, 2)
+    trainer = DPOTrainer(model=policy, ref_model=reference, processing_class=tokenizer,
+                         args=DPOConfig(**trainer_arguments(tmp_path, beta), loss_type=["sigmoid"]),
+                         train_dataset=Dataset.from_list(PREFERENCES))
+    batch = next(iter(trainer.get_train_dataloader()))  # chosen rows, then rejected rows
+    trainer.model.train()
+    theirs = trainer.compute_loss(trainer.model, batch)
+    trainer.log({})
+    their_metrics = trainer.state.log_history[-1]
+
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = losses.sequence_logps(
+            reference.model(**inputs).last_hidden_state, reference.lm_head.weight, labels).chunk(2)
     with dafast.kernels.mode(mode):
-        ours, our_metrics = losses.orpo_loss(hidden, weight, labels, beta=beta, nll_labels=nll_labels)
-    assert_same(ours, theirs, (hidden, weight))
-    assert our_metrics.keys() == their_metrics.keys()
-    for key in their_metrics:
-        torch.testing.assert_close(our_metrics[key], their_metrics[key].detach(), **TOL)
+        ours, our_metrics = losses.dpo_loss(policy.model(**inputs).last_hidden_state,
+                                            policy.lm_head.weight, labels, ref_chosen,
+                                            ref_rejected, beta=beta)
+    assert theirs.item() != pytest.approx(math.log(2), abs=1e-3)  # policy and reference differ
+    assert_same_training_signal(ours, theirs, policy)
+    # the rewards are beta * differences of sums of ~10 log-probs of -5 each: fp32 rounding of the
+    # sums is about 1e-5 absolute
+    for key, value in our_metrics.items():
+        assert value.item() == pytest.approx(their_metrics[key], rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.parametrize("beta, mode", [(0.1, "native"), (0.5, "reference")])
+def test_orpo_equals_trls_orpo_trainer(beta, mode, tiny_model, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = random_llama(tiny_model, 1)
+    trainer = ORPOTrainer(model=model, processing_class=tokenizer,
+                          args=ORPOConfig(**trainer_arguments(tmp_path, beta)),
+                          train_dataset=Dataset.from_list(PREFERENCES))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    theirs, their_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+
+    joined = trainer.concatenated_inputs(batch, padding_value=trainer.padding_value)
+    input_ids, attention = joined["concatenated_input_ids"], joined["concatenated_attention_mask"]
+    # TRL's NLL term scores the chosen prompt and completion: every attended token
+    nll_labels = torch.where(attention == 1, input_ids, -100)[: input_ids.shape[0] // 2]
+    hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    with dafast.kernels.mode(mode):
+        ours, our_metrics = losses.orpo_loss(hidden, model.lm_head.weight,
+                                             joined["concatenated_labels"], beta=beta,
+                                             nll_labels=nll_labels)
+    assert_same_training_signal(ours, theirs, model)
+    for key, value in our_metrics.items():
+        assert value.item() == pytest.approx(float(their_metrics[key]), rel=1e-5, abs=1e-5), key
 
 
 def test_orpo_refuses_inconsistent_nll_labels():

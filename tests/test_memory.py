@@ -10,6 +10,7 @@ import torch
 
 import dafast
 import dafast.memory as memory
+from conftest import tiny_llama
 
 pytestmark = pytest.mark.skipif(not dafast.build_info()["loaded"], reason="needs dafast._C")
 
@@ -133,12 +134,8 @@ def test_threads_allocate_concurrently(allocator):
 def test_training_math_is_unchanged(allocator):
     """A forward and backward of a small Llama whose activations are MBs (so they are the
     allocator's) gives the same gradients on either allocator, bit for bit."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=4099)
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, config.vocab_size, (4, 257))
+    model = tiny_llama(hidden=256, intermediate=704, vocab=4099, max_positions=None)
+    ids = torch.randint(0, model.config.vocab_size, (4, 257))
 
     def grads():
         model.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import save_tiny_llama
 from dafast.merge import PAPER_T, merge, slerp_merge
 from dafast.ops import slerp_reference
 
@@ -23,12 +24,9 @@ PAPER = {"merge_method": "slerp", "parameters": {"t": PAPER_T}, "dtype": "bfloat
 
 
 def tiny_llama(path: Path, seed: int, layers: int = 5, dtype=torch.bfloat16, **config) -> Path:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=False, **config)
-    transformers.LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
-    return path
+    """A random 5-layer Llama saved at `path` (5 layers: the paper's 5-point t gradient)."""
+    return save_tiny_llama(path, dtype=dtype, seed=seed, layers=layers, vocab=128, intermediate=96,
+                           max_positions=None, **config)
 
 
 def tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -95,7 +95,7 @@ def test_bf16_model_within_rounding(ids):
 
 
 def test_other_mlps_are_left_alone():
-    model = tiny_llama(hidden_act="gelu")
+    model = tiny_llama(act="gelu")
     assert dafast.mlp.patch(model) == 0
     assert not any(dafast.mlp.is_patched(m) for m in model.modules())
 
