@@ -153,20 +153,6 @@ PREFERENCES = [
 ]
 
 
-@pytest.fixture
-def trl_head():
-    """TRL's own fused LM head for the trainers built in the test; dafast's as before after."""
-    import importlib
-
-    import dafast.fused_head
-
-    dpo_module = importlib.import_module("trl.trainer.dpo_trainer")
-    was_dafast = dpo_module.add_fused_lm_head is dafast.fused_head.add_fused_lm_head
-    dafast.fused_head.use_in_trl(False)
-    yield
-    dafast.fused_head.use_in_trl(was_dafast)
-
-
 def random_llama(tiny_model, seed):
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +183,7 @@ def assert_same_training_signal(ours, theirs, model):
 
 
 @pytest.mark.parametrize("beta, mode", [(0.1, "native"), (0.5, "reference")])
-def test_dpo_equals_trls_dpo_trainer(beta, mode, tiny_model, tmp_path, trl_head):
+def test_dpo_equals_trls_dpo_trainer(beta, mode, tiny_model, tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
