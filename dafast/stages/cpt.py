@@ -6,10 +6,11 @@ from __future__ import annotations
 from datasets import Dataset
 
 from dafast import data
+from dafast.recipe import StageSettings
 from dafast.stages.sft import build_trainer  # noqa: F401  (the same trainer and loss)
 
 
-def build_dataset(settings, tokenizer) -> Dataset:
+def build_dataset(settings: StageSettings, tokenizer) -> Dataset:
     rows = data.load_rows(settings.data, "cpt")
     conversations = (data.rendered_conversations(data.load_rows(settings.sft_data, "sft"),
                                                  settings.mix_sft, tokenizer)

@@ -10,22 +10,23 @@ from peft import PeftModel
 from trl import DPOConfig
 
 from dafast import data, kernels, models
+from dafast.recipe import StageSettings
 from dafast.trainers import DPOTrainerOnHiddenStates
 
 
-def build_dataset(settings, tokenizer) -> Dataset:
+def build_dataset(settings: StageSettings, tokenizer) -> Dataset:
     return preference_dataset("dpo", settings, tokenizer)
 
 
-def preference_dataset(kind: str, settings, tokenizer) -> Dataset:
+def preference_dataset(kind: str, settings: StageSettings, tokenizer) -> Dataset:
     """The prompt / chosen / rejected rows of a DPO or ORPO stage, as TRL's trainers take them."""
     conversational = tokenizer.chat_template is not None
     rows = data.load_rows(settings.data, kind)
     return Dataset.from_list([data.preference_example(row, conversational) for row in rows])
 
 
-def build_trainer(*, model, tokenizer, dataset, settings, arguments,
-                  callbacks) -> DPOTrainerOnHiddenStates:
+def build_trainer(*, model, tokenizer, dataset: Dataset, settings: StageSettings,
+                  arguments: dict, callbacks: list) -> DPOTrainerOnHiddenStates:
     config = DPOConfig(**arguments, beta=settings.beta, loss_type=["sigmoid"],
                        max_length=settings.max_length,
                        precompute_ref_log_probs=settings.precompute_ref, dataset_num_proc=None)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import warnings
 
+from datasets import Dataset
+
+from dafast.recipe import StageSettings
 from dafast.stages.dpo import preference_dataset
 from dafast.trainers import ORPOTrainerOnHiddenStates
 
@@ -13,12 +16,12 @@ with warnings.catch_warnings():  # TRL warns that the experimental namespace may
     from trl.experimental.orpo import ORPOConfig
 
 
-def build_dataset(settings, tokenizer):
+def build_dataset(settings: StageSettings, tokenizer) -> Dataset:
     return preference_dataset("orpo", settings, tokenizer)
 
 
-def build_trainer(*, model, tokenizer, dataset, settings, arguments,
-                  callbacks) -> ORPOTrainerOnHiddenStates:
+def build_trainer(*, model, tokenizer, dataset: Dataset, settings: StageSettings,
+                  arguments: dict, callbacks: list) -> ORPOTrainerOnHiddenStates:
     arguments = {**arguments, "include_num_input_tokens_seen": "no"}  # counted by the trainer
     config = ORPOConfig(**arguments, beta=settings.beta, max_length=settings.max_length,
                         dataset_num_proc=None)

@@ -7,16 +7,18 @@ from datasets import Dataset
 from trl import SFTConfig
 
 from dafast import data
+from dafast.recipe import StageSettings
 from dafast.trainers import CausalLMTrainer
 
 
-def build_dataset(settings, tokenizer) -> Dataset:
+def build_dataset(settings: StageSettings, tokenizer) -> Dataset:
     rows = data.load_rows(settings.data, "sft")
     return Dataset.from_list([data.sft_example(row, tokenizer, settings.max_length)
                               for row in rows])
 
 
-def build_trainer(*, model, tokenizer, dataset, settings, arguments, callbacks) -> CausalLMTrainer:
+def build_trainer(*, model, tokenizer, dataset: Dataset, settings: StageSettings,
+                  arguments: dict, callbacks: list) -> CausalLMTrainer:
     config = SFTConfig(**arguments, max_length=settings.max_length, packing=False,
                        dataset_num_proc=None)
     return CausalLMTrainer(model=model, args=config, train_dataset=dataset,
