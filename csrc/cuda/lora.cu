@@ -306,8 +306,8 @@ constexpr int64_t kMaxGridY = 65535;
 // sums, so row_partial holds col_groups x rows x rank floats and col_partial splits x cols x
 // rank. B blocks per rank pass (four per SM) make col_groups x splits ~ B, and the two buffers
 // together are smallest at col_groups ~ sqrt(B cols / rows); groups are never narrower than 512
-// columns, whatever the rank (col_groups <= ceil(cols / 512), reached at rows = 1, the bound
-// ops_cuda.cpp sizes its row blocks by). Splits fill the device while col_partial stays under
+// columns, whatever the rank, and fewer rows never give fewer groups (col_groups <=
+// ceil(cols / 512), the most at rows = 1: the bound ops_cuda.cpp sizes its row blocks by). Splits fill the device while col_partial stays under
 // kColPartialBytes, and give at least B / 2 blocks beyond it.
 // Example, a 128256-entry head at 8192 rows, r = 16, 132 SMs, in one launch: 84 groups of 1536
 // columns and 4 splits, row_partial 44 MB and col_partial 33 MB (512-column groups, as before
@@ -354,9 +354,16 @@ cudaError_t lora_thin_products(const LoraThinPlan& plan, DType y_dtype, const vo
                                const void* z, float* col_partial, DType b_dtype, const void* bm,
                                float* row_partial, cudaStream_t stream) {
   if (rows == 0 || cols == 0 || rank == 0) return cudaErrorInvalidValue;  // callers skip these
-  if (plan.rank_passes > kMaxGridY || plan.group_cols % (kGroupCols / plan.chunks_per_pass) != 0) {
-    return cudaErrorInvalidValue;
-  }
+  // A plan from lora_thin_plan for these sizes passes; another one could leave partials unwritten.
+  const int c = plan.chunks_per_pass;
+  const bool covers = (c == 1 || c == 2 || c == kMaxChunks) && plan.group_cols > 0 &&
+                      plan.group_cols % (kGroupCols / c) == 0 &&
+                      plan.col_groups * plan.group_cols >= cols &&
+                      (plan.col_groups - 1) * plan.group_cols < cols &&  // no empty group
+                      plan.splits * plan.rows_per_split >= rows &&
+                      plan.rank_passes * c * kRankChunk >= rank &&
+                      plan.splits <= kMaxGridY && plan.rank_passes <= kMaxGridY;
+  if (!covers) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(plan.col_groups), static_cast<unsigned>(plan.splits),
                   static_cast<unsigned>(plan.rank_passes));
   return with_type(y_dtype, [&](auto ty) {

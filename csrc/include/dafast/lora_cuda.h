@@ -28,7 +28,8 @@ struct LoraThinPlan {
   int chunks_per_pass;  // 1, 2 or 4 rank chunks of 16: the smallest that holds r, 4 at most
 };
 
-// A plan that gives about four blocks per SM. Partial buffers it implies:
+// A plan that gives two to four blocks per SM and rank pass (four while col_partial stays under
+// 32 MiB). Partial buffers it implies:
 //   col_partial: splits * cols * rank floats;  row_partial: col_groups * rows * rank floats.
 // col_groups never exceeds ceil(cols / 512) and never grows with rows, so
 // lora_thin_plan(1, cols, rank, sms).col_groups * rank floats bounds the row partials per row
