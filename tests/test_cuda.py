@@ -111,7 +111,7 @@ def test_lora_large_rank_many_rows_within_peft_error(rank, dtype, lora_dtype):
 
 
 # (rows, in_features, out_features) for the thin kernels' tiles: rows never a multiple of 16;
-# 1031 and 777 odd (every tile row of x and dY is read one element at a time); 4096 and 520
+# 1031 and 777 odd (most rows of x and dY start off a 16-byte boundary: scalar reads); 4096, 520
 # whole 16-byte packs in every dtype, 520 with a last tile of 8 columns; 200 a multiple of 8 but
 # not of 64; 4100 a multiple of 4 but not of 8, so half-precision rows of dY alternate between
 # aligned (packs) and misaligned (scalar) within one tile.
@@ -162,7 +162,7 @@ def assert_lora_within_reference_error(x, weight, bias, lora_a, lora_b, grad_y, 
 @pytest.mark.parametrize("rank", [8, 16, 17, 32, 64, 100])
 @pytest.mark.parametrize("dtype,lora_dtype", LORA_DTYPES, ids=["fp32", "bf16+fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("rows,in_features,out_features", LORA_THIN_SHAPES,
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+                         ids=["x".join(map(str, shape)) for shape in LORA_THIN_SHAPES])
 def test_lora_thin_products_every_rank_tile_edge_and_dtype(rows, in_features, out_features, rank,
                                                            dtype, lora_dtype):
     """r from below one rank chunk of 16 to past the 64 one block covers (two rank passes at
