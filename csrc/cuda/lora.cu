@@ -191,7 +191,9 @@ thin_products_kernel(const TY* __restrict__ y, int64_t rows, int64_t cols, int64
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             const int64_t jj = j_pass + ch * kRankChunk + 4 * quad + q;
-            if (n < cols && jj < rank) col_partial[(split * cols + n) * rank + jj] = acc[tile][ch][q];
+            if (n < cols && jj < rank) {
+              col_partial[(split * cols + n) * rank + jj] = acc[tile][ch][q];
+            }
           }
         }
       }
@@ -305,10 +307,11 @@ constexpr int64_t kMaxGridY = 65535;
 // The partial buffers: a block finishes its column group's row sums and its split's column
 // sums, so row_partial holds col_groups x rows x rank floats and col_partial splits x cols x
 // rank. B blocks per rank pass (four per SM) make col_groups x splits ~ B, and the two buffers
-// together are smallest at col_groups ~ sqrt(B cols / rows); groups are never narrower than 512
-// columns, whatever the rank, and fewer rows never give fewer groups (col_groups <=
-// ceil(cols / 512), the most at rows = 1: the bound ops_cuda.cpp sizes its row blocks by). Splits fill the device while col_partial stays under
-// kColPartialBytes, and give at least B / 2 blocks beyond it.
+// together are smallest at col_groups ~ sqrt(B cols / rows). Groups are never narrower than 512
+// columns, whatever the rank, and more rows never give more groups: col_groups is at most
+// ceil(cols / 512) and largest at rows = 1, the bound ops_cuda.cpp sizes its row blocks by.
+// Splits fill the device while col_partial stays under kColPartialBytes, and give at least B / 2
+// blocks beyond it.
 // Example, a 128256-entry head at 8192 rows, r = 16, 132 SMs, in one launch: 84 groups of 1536
 // columns and 4 splits, row_partial 44 MB and col_partial 33 MB (512-column groups, as before
 // this plan: 131 MB and 25 MB).
@@ -330,7 +333,8 @@ LoraThinPlan lora_thin_plan(int64_t rows, int64_t cols, int64_t rank, int num_sm
                                   plan.rank_passes);
 
   const double balanced = std::ceil(std::sqrt(static_cast<double>(blocks) *
-                                              static_cast<double>(cols) / static_cast<double>(rows)));
+                                              static_cast<double>(cols) /
+                                              static_cast<double>(rows)));
   const int64_t groups =
       balanced < static_cast<double>(max_groups) ? static_cast<int64_t>(balanced) : max_groups;
   const int64_t steps_per_group = ceil_div(steps, groups > 0 ? groups : 1);
