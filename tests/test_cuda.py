@@ -3,6 +3,7 @@ scalar paths of misaligned inputs, large ranks and row counts, real head sizes, 
 and streams, CUDA-graph capture, the model patches and a TRL trainer on the GPU, a real-size
 merge. All marked `cuda` (bench/gpu/run.sh runs `pytest -m cuda -x`); skipped without a GPU."""
 
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,77 @@ def test_lora_large_rank_many_rows_within_peft_error(rank, dtype, lora_dtype):
         e = e.to(a.device)
         ulp = max(torch.finfo(a.dtype).eps, 1e-5) * e.abs().max().item()
         assert max_err(a, e) <= 2 * max_err(b, e) + ulp, (name, max_err(a, e), max_err(b, e))
+
+
+# (rows, in_features, out_features) for the thin kernels' tiles: rows never a multiple of 16;
+# 1031 and 777 odd (most rows of x and dY start off a 16-byte boundary: scalar reads); 4096, 520
+# whole 16-byte packs in every dtype, 520 with a last tile of 8 columns; 200 a multiple of 8 but
+# not of 64; 4100 a multiple of 4 but not of 8, so half-precision rows of dY alternate between
+# aligned (packs) and misaligned (scalar) within one tile.
+LORA_THIN_SHAPES = [(37, 1031, 777), (1001, 4096, 520), (259, 200, 4100)]
+LORA_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)]
+
+
+def lora_inputs(rows, in_features, out_features, rank, dtype, lora_dtype, offset=False):
+    """x, W, b, A, B and dY on the GPU; with `offset`, x and dY start one element past a 16-byte
+    boundary (every row misaligned, whatever the width)."""
+    def make(*shape, dt, scale=1.0, shifted=False):
+        n = math.prod(shape)
+        flat = misaligned(n, dt) if shifted else (torch.randn(n, device="cuda") * scale).to(dt)
+        return flat.view(*shape)
+
+    x = make(rows, in_features, dt=dtype, shifted=offset)
+    weight = make(out_features, in_features, dt=dtype, scale=in_features ** -0.5)
+    bias = make(out_features, dt=dtype)
+    lora_a = make(rank, in_features, dt=lora_dtype, scale=in_features ** -0.5)
+    lora_b = make(out_features, rank, dt=lora_dtype, scale=rank ** -0.5)
+    grad_y = make(rows, out_features, dt=dtype, shifted=offset)
+    return x, weight, bias, lora_a, lora_b, grad_y
+
+
+def assert_lora_within_reference_error(x, weight, bias, lora_a, lora_b, grad_y, scale=0.75):
+    """y, dx, dA and dB of dafast.lora_linear against fp64 math on the same inputs: at most twice
+    the error of lora_linear_reference (PyTorch at the inputs' dtypes) plus one ulp of the
+    result's scale (1e-5 of it for fp32), as test_lora.py bounds it against PEFT."""
+    def run(fn, *tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        y = fn(*leaves)
+        return [y.detach(), *torch.autograd.grad(y, leaves, grad_y.to(y.dtype))]
+
+    ours = run(lambda t, a, b: lora_linear(t, weight, bias, a, b, scale), x, lora_a, lora_b)
+    theirs = run(lambda t, a, b: lora_linear_reference(t, weight, bias, a, b, scale),
+                 x, lora_a, lora_b)
+    exact = run(lambda t, a, b: lora_linear_reference(t, weight.double(), bias.double(), a, b,
+                                                      scale),
+                x.double(), lora_a.double(), lora_b.double())
+    for name, a, b, e in zip(("y", "dx", "dA", "dB"), ours, theirs, exact):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        ulp = max(torch.finfo(a.dtype).eps, 1e-5) * e.abs().max().item()
+        err, ref_err = [(t.double() - e).abs().max().item() for t in (a, b)]
+        assert err <= 2 * ref_err + ulp, (name, err, ref_err, ulp)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 17, 32, 64, 100])
+@pytest.mark.parametrize("dtype,lora_dtype", LORA_DTYPES, ids=["fp32", "bf16+fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("rows,in_features,out_features", LORA_THIN_SHAPES,
+                         ids=["x".join(map(str, shape)) for shape in LORA_THIN_SHAPES])
+def test_lora_thin_products_every_rank_tile_edge_and_dtype(rows, in_features, out_features, rank,
+                                                           dtype, lora_dtype):
+    """r from below one rank chunk of 16 to past the 64 one block covers (two rank passes at
+    100), ragged rows and columns, aligned, misaligned and mixed rows of x and dY."""
+    assert_lora_within_reference_error(
+        *lora_inputs(rows, in_features, out_features, rank, dtype, lora_dtype))
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("dtype,lora_dtype", LORA_DTYPES, ids=["fp32", "bf16+fp32", "bf16", "fp16"])
+def test_lora_thin_products_misaligned_base_pointers(rank, dtype, lora_dtype):
+    """x and dY one element past a 16-byte boundary: widths that would take 16-byte packs
+    (4096, 520) read every row one element at a time."""
+    inputs = lora_inputs(1001, 4096, 520, rank, dtype, lora_dtype, offset=True)
+    assert inputs[0].data_ptr() % 16 != 0 and inputs[-1].data_ptr() % 16 != 0
+    assert_lora_within_reference_error(*inputs)
 
 
 def test_lora_wide_output_reads_dy_in_row_blocks():

@@ -15,17 +15,25 @@
 
 namespace dafast {
 
-// How lora_thin_products splits its work. A block covers 512 columns (a "column group") of
-// `rows_per_split` rows (a "split") for 16 of the r rank columns (a "rank chunk").
+// How lora_thin_products splits its work. A block covers `group_cols` columns (a "column
+// group") of `rows_per_split` rows (a "split") for up to 16 * chunks_per_pass of the r rank
+// columns (a "rank pass"): it reads its rectangle of Y once and computes every rank column of
+// its pass from each loaded tile. Only r > 64 takes more than one pass (and reads Y again).
 struct LoraThinPlan {
   int64_t col_groups;
+  int64_t group_cols;  // a multiple of 512 / chunks_per_pass, the columns a block holds at once
   int64_t splits;
   int64_t rows_per_split;
-  int64_t rank_chunks;
+  int64_t rank_passes;
+  int chunks_per_pass;  // 1, 2 or 4 rank chunks of 16: the smallest that holds r, 4 at most
 };
 
-// A plan that gives about four blocks per SM. Partial buffers it implies:
+// A plan that gives two to four blocks per SM and rank pass (four while col_partial stays under
+// 32 MiB). Partial buffers it implies:
 //   col_partial: splits * cols * rank floats;  row_partial: col_groups * rows * rank floats.
+// col_groups never exceeds ceil(cols / 512) and never grows with rows, so
+// lora_thin_plan(1, cols, rank, sms).col_groups * rank floats bounds the row partials per row
+// of any plan for the same cols and rank.
 LoraThinPlan lora_thin_plan(int64_t rows, int64_t cols, int64_t rank, int num_sms);
 
 // One pass over Y [rows, cols] for two thin products, each optional (pass nullptr to skip):
