@@ -148,8 +148,9 @@ void lora_linear_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   const auto f32 = grad_y.options().dtype(at::kFloat);
 
   // One read of dY: column product with xa (dB), row product with B (dXA). The row product's
-  // partials take col_groups * rows * rank floats (131 MB for a LoRA'd 128k-entry head at 8k
-  // tokens): dY is read in row blocks whose partials stay under kMaxRowPartialBytes, and dB's
+  // partials take col_groups * rows * rank floats (a LoRA'd 128k-entry head at 8k tokens is
+  // tens of MB): dY is read in row blocks whose partials stay under kMaxRowPartialBytes (sized
+  // with the plan for one row, which has the most column groups, so an upper bound), and dB's
   // per-block sums add up in fp32 before one rounding.
   const bool need_rows = need_x || need_a;
   const int64_t per_row =
