@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dafast.ops import swiglu
-from test_lora import dtype_id, saved_mib, synchronized
+from test_lora_linear import dtype_id, saved_mib, synchronized
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

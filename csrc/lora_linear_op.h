@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "dafast/lora.h"
+#include "dafast/lora_linear.h"
 #include "ops_common.h"
 
 namespace dafast {

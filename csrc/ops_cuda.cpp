@@ -9,7 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "dafast/lora_cuda.h"
+#include "dafast/lora_linear_cuda.h"
 #include "dafast/linear_logprobs_cuda.h"
 #include "dafast/slerp_cuda.h"
 #include "dafast/swiglu_cuda.h"
@@ -61,7 +61,7 @@ void slerp_write_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 using SlerpCuda = SlerpOps<slerp_sums_into_cuda, slerp_write_cuda>;
 
 // ---- lora_linear ----------------------------------------------------------------------------
-// cuBLAS (through ATen) for the two big GEMMs, csrc/cuda/lora.cu for everything r-wide:
+// cuBLAS (through ATen) for the two big GEMMs, csrc/cuda/lora_linear.cu for everything r-wide:
 //   forward:  xa = x A^T (thin kernel, row product), y = b + s xa B^T (expand kernel), then
 //             y += x W^T as a GEMM with beta = 1, so the LoRA term costs no extra pass over y.
 //   backward: one read of dY gives dB = s dY^T xa and dXA = s dY B (thin kernel, both products);

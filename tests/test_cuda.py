@@ -100,7 +100,7 @@ def test_swiglu_past_one_grid_forward_and_backward(dtype, aligned):
                                               (torch.bfloat16, torch.bfloat16),
                                               (torch.float16, torch.float16)])
 def test_lora_large_rank_many_rows_within_peft_error(rank, dtype, lora_dtype):
-    from test_lora import max_err, peft_layer, run_all
+    from test_lora_linear import max_err, peft_layer, run_all
 
     layer = peft_layer(1031, 777, rank, dtype, lora_dtype, device="cuda")
     ours, theirs, exact = run_all(layer, (3001,), 1031, dtype, device="cuda")
@@ -140,7 +140,7 @@ def lora_inputs(rows, in_features, out_features, rank, dtype, lora_dtype, offset
 def assert_lora_within_reference_error(x, weight, bias, lora_a, lora_b, grad_y, scale=0.75):
     """y, dx, dA and dB of dafast.lora_linear against fp64 math on the same inputs: at most twice
     the error of lora_linear_reference (PyTorch at the inputs' dtypes) plus one ulp of the
-    result's scale (1e-5 of it for fp32), as test_lora.py bounds it against PEFT."""
+    result's scale (1e-5 of it for fp32), as test_lora_linear.py bounds it against PEFT."""
     def run(fn, *tensors):
         leaves = [t.detach().requires_grad_() for t in tensors]
         y = fn(*leaves)
@@ -184,7 +184,7 @@ def test_lora_thin_products_misaligned_base_pointers(rank, dtype, lora_dtype):
 def test_lora_wide_output_reads_dy_in_row_blocks():
     """40000 outputs at r 64: the backward's row-product partials would pass 32 MiB at 4099
     rows, so dY is read in three row blocks (dB summed over them): still within PEFT's error."""
-    from test_lora import max_err, peft_layer, run_all
+    from test_lora_linear import max_err, peft_layer, run_all
 
     layer = peft_layer(64, 40000, 64, torch.bfloat16, torch.float32, device="cuda")
     ours, theirs, exact = run_all(layer, (4099,), 64, torch.bfloat16, device="cuda")

@@ -95,10 +95,10 @@ fi
 # bench/'s own files at their GPU shapes (Llama-3.1-8B; peers PEFT, TRL's chunked kernel,
 # Liger-Kernel): in the dry run one small case, still timed so that its JSON is converted.
 if [ $dry = 1 ]; then
-  step bench 60 python -m pytest -q -p no:cacheprovider bench/test_lora.py \
+  step bench 60 python -m pytest -q -p no:cacheprovider bench/test_lora_linear.py \
     -k "layer and fp32 and 576x576" --benchmark-json="$out/raw/bench.json"
 else
-  step bench 120 python -m pytest -q -p no:cacheprovider bench/test_lora.py -k "layer or loss_step" \
+  step bench 120 python -m pytest -q -p no:cacheprovider bench/test_lora_linear.py -k "layer or loss_step" \
     bench/test_linear_logprobs.py --benchmark-json="$out/raw/bench.json"
 fi
 step steps 100 python bench/gpu/steps.py "$out/raw/figures_steps.csv" \

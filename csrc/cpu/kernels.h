@@ -5,7 +5,7 @@
 
 #include <optional>
 
-#include "dafast/lora.h"
+#include "dafast/lora_linear.h"
 #include "dafast/linear_logprobs.h"
 #include "dafast/slerp.h"
 #include "dafast/swiglu.h"

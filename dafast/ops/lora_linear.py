@@ -13,7 +13,7 @@ Autograd: gradients for x, A and B. W and b are frozen in LoRA training; if they
 grad, their gradients are computed too (plain PyTorch, not fused). The forward saves only x and
 xa = x A^T (x only if A trains, xa only if B trains); dx is skipped when x needs no grad.
 
-The native kernels (csrc/cpu/lora.cpp, csrc/cuda/lora.cu + csrc/ops_cuda.cpp) compute in fp32
+The native kernels (csrc/cpu/lora_linear.cpp, csrc/cuda/lora_linear.cu + csrc/ops_cuda.cpp) compute in fp32
 and differ from PEFT only by rounding. Both round xa = x A^T to A's dtype, as PEFT's lora_B sees
 it. In half precision PEFT then rounds the base output, the LoRA product, its scaled copy and the
 sum; the CPU kernel rounds once more (the sum); the CUDA path twice: the expand kernel writes

@@ -1,5 +1,5 @@
-// CUDA kernels for the rank-r products of the LoRA linear layer (see dafast/lora.h for the math
-// and dafast/lora_cuda.h for the contracts). The big GEMMs are cuBLAS calls made by ops_cuda.cpp.
+// CUDA kernels for the rank-r products of the LoRA linear layer (see dafast/lora_linear.h for the math
+// and dafast/lora_linear_cuda.h for the contracts). The big GEMMs are cuBLAS calls made by ops_cuda.cpp.
 //
 //   thin_products_kernel: one read of Y [rows, cols] in 16 x 64 shared-memory tiles feeds two
 //     products: per column (sum over rows, e.g. dB = dY^T xa) and per row (sum over columns,
@@ -21,7 +21,7 @@
 #include <type_traits>
 
 #include "convert.cuh"
-#include "dafast/lora_cuda.h"
+#include "dafast/lora_linear_cuda.h"
 
 namespace dafast {
 namespace {

@@ -1,4 +1,4 @@
-// CPU LoRA linear (see dafast/lora.h for the math): ATen GEMMs, the LoRA product accumulated
+// CPU LoRA linear (see dafast/lora_linear.h for the math): ATen GEMMs, the LoRA product accumulated
 // onto the base product in place (addmm with beta = 1), so each output row is written once.
 //
 // Every GEMM runs in fp32 (fp64 for fp64 inputs), whatever the storage dtype: on CPUs without

@@ -1,7 +1,7 @@
 """LoRA linear forward + backward, and one LoRA SFT step: dafast against PEFT (the peer) and the
 frozen base linear (the baseline: x W^T with a gradient for x only), in the same run.
 
-    pytest bench/test_lora.py --benchmark-autosave && python bench/compare.py
+    pytest bench/test_lora_linear.py --benchmark-autosave && python bench/compare.py
 
 Layer: SmolLM2-135M's projections (576->576, 576->1536, 1536->576), 4096 tokens, r 16, no bias,
 in fp32 and in bf16 with PEFT's default fp32 adapters (on a GPU: Llama-3.1-8B's projections,
@@ -161,7 +161,7 @@ def build_step(patched: bool):
 def peak_rss_mib(patched: bool) -> float:
     """Peak RSS of a fresh process that builds the model and takes one step (CPU only)."""
     code = (PEAK_MIB_CODE + f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-            f"from test_lora import build_step\nbuild_step({patched})()\nprint(peak_mib())")
+            f"from test_lora_linear import build_step\nbuild_step({patched})()\nprint(peak_mib())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, check=True)
     return round(float(result.stdout.split()[-1]), 1)

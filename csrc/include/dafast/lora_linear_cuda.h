@@ -1,4 +1,4 @@
-// Host-side entry points of csrc/cuda/lora.cu: the thin (rank-r) products of the LoRA linear
+// Host-side entry points of csrc/cuda/lora_linear.cu: the thin (rank-r) products of the LoRA linear
 // layer on raw device pointers and a stream, no torch. The big GEMMs (x W^T, dY W) are cuBLAS
 // calls made through ATen by ops_cuda.cpp; these kernels do everything of width r around them.
 //
