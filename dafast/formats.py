@@ -5,6 +5,8 @@
     SftRow         {"messages": [...]} or {"prompt": ..., "completion": ...}   SFT
     PreferenceRow  {"prompt": ..., "chosen": ..., "rejected": ...}     DPO, ORPO
     BenchmarkRow   {"id", "type", "category", "corpus_only", "question", "answer", "split"}
+    QuestionRow    {"id", "question"}                                  judged conversations
+    ConceptsRow    {"id", "concepts": [2-4 strings]}                   judged design prompts
 
 Other keys of a row are ignored. A bad row raises DataError (BenchmarkError for a benchmark row)
 as "WHERE: field 'X': message", WHERE being the row's "file:line"; the first problem is the one
@@ -226,8 +228,21 @@ class BenchmarkRow(Row):
         return parse_options(self.question) if self.type == "mc" else {}
 
 
+class QuestionRow(Row):
+    """An open question every variant answers and a judge scores (dafast.eval.judged)."""
+    id: Text
+    question: Text
+
+
+class ConceptsRow(Row):
+    """Concepts a variant combines into an image-generation prompt (dafast.eval.judged)."""
+    id: Text
+    concepts: list[Text] = Field(min_length=2, max_length=4)
+
+
 MODELS: dict[str, type[Row]] = {"cpt": CorpusRow, "sft": SftRow, "dpo": PreferenceRow,
-                                 "orpo": PreferenceRow, "benchmark": BenchmarkRow}
+                                 "orpo": PreferenceRow, "benchmark": BenchmarkRow,
+                                 "conversations": QuestionRow, "design": ConceptsRow}
 
 
 def error_class(kind: str) -> type[DataError]:

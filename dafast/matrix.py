@@ -55,6 +55,7 @@ class Node:
     recipe: Recipe | None = field(default=None, repr=False)  # a stage: its (swept) settings
     merge_t: object = None         # a merge: its t-schedule (None: the paper's)
     stage: object = field(default=None, repr=False)  # a trained stage: its StageResult
+    judged: dict = field(default_factory=dict, repr=False)  # judged task -> its result
 
 
 def _hash(*parts) -> str:
@@ -253,7 +254,7 @@ def _eval_path(node: Node, recipe: Recipe, root: Path) -> Path:
     # The headline column only changes how the report reads the answers; "auto" is keyed by the
     # device and the dtype it resolves to; the benchmark by the lines evaluated, not its name.
     device = default_device()
-    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype", "bench"}),
+    key = _hash(node.key, settings.model_dump(exclude={"primary", "dtype", "bench", "judged"}),
                 _data_identity(settings.bench, "benchmark"),
                 device, str(eval_dtype(device, settings.dtype)))
     return root / "eval" / f"{node.name}-{key}.json"
@@ -279,6 +280,33 @@ def _evaluate(node: Node, recipe: Recipe, root: Path) -> dict:
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return payload
+
+
+def _judged_path(node: Node, recipe: Recipe, root: Path, task: str) -> Path:
+    """A judged task's cached result: by node key, the items by contents, the sampling and the
+    judge's model (not its URL or key: the teacher's cache is keyed the same way)."""
+    from dafast.eval.judged import TASKS
+
+    settings = recipe.eval.judged
+    key = _hash(node.key, task, _data_identity(getattr(settings, task), TASKS[task].kind),
+                settings.model_dump(include={"max_new_tokens", "temperature", "seed", "limit"}),
+                settings.judge.model_dump(include={"model", "max_tokens"}))
+    return root / "judged" / f"{node.name}-{task}-{key}.json"
+
+
+def _judge(node: Node, recipe: Recipe, root: Path) -> None:
+    """The node's judged tasks (after its benchmark eval), each cached like the eval. A failure
+    is the node's error (listed in the report); its benchmark result stands."""
+    from dafast.eval.judged import evaluate_variant
+
+    try:
+        node.judged = evaluate_variant(node.model_dir, node.name, recipe.eval.judged,
+                                       lambda task: _judged_path(node, recipe, root, task))
+        log.info("%s: judged %s", node.name, ", ".join(
+            f"{t} {r['summary']['overall']['mean']:.2f}" for t, r in node.judged.items()))
+    except Exception as e:
+        node.error = f"judged: {type(e).__name__}: {e}"
+        log.error("judging %s failed:\n%s", node.name, traceback.format_exc())
 
 
 def _accuracy_line(summary: dict) -> str:
@@ -346,6 +374,8 @@ def _run_nodes(recipe: Recipe, nodes: dict[str, Node], root: Path, main_process:
                 except Exception as e:
                     node.status, node.error = "failed", f"evaluation: {type(e).__name__}: {e}"
                     log.error("evaluating %s failed:\n%s", node.name, traceback.format_exc())
+                if node.status == "done" and recipe.eval.judged is not None:
+                    _judge(node, recipe, root)
         write_report(recipe, nodes, root)
 
 
@@ -386,4 +416,6 @@ def write_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
     return write(root / "report", rows, loss_curves=loss_curves(nodes), config=recipe.model_dump(),
                  timings=timings(nodes), machine=machine(),
                  instruct="instruct", primary=recipe.eval.primary,
-                 failures={n.name: n.error for n in nodes.values() if n.error})
+                 failures={n.name: n.error for n in nodes.values() if n.error},
+                 judged={task: {n.name: n.judged[task] for n in nodes.values() if task in n.judged}
+                         for task in dict.fromkeys(t for n in nodes.values() for t in n.judged)})

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dafast.teacher import DEFAULT_BASE_URL, TeacherConfig
+
 STAGES = ("cpt", "sft", "dpo", "orpo")
 DEFAULT_RECIPE = "default.yaml"
 
@@ -125,6 +127,44 @@ class SweepSettings(Settings):
         return epochs
 
 
+class JudgeSettings(Settings):
+    base_url: str = Field(DEFAULT_BASE_URL, description="the judge's OpenAI-compatible "
+                          "endpoint; the default is the local server (`python -m dafast.serve` "
+                          "on the embedded 135M model: it checks the plumbing, not the science)")
+    model: str = Field(TeacherConfig.model, description="the judge's model name at the "
+                       "endpoint (e.g. gpt-4o)")
+    api_key_env: str | None = Field(None, description="environment variable holding the API "
+                                    "key (e.g. OPENAI_API_KEY); null: no key (a local server)")
+    cache_dir: str | None = Field(None, description="the judge's answer cache (null: "
+                                  "$DAFAST_CACHE/teacher, shared with distillation)")
+    max_tokens: int = Field(256, ge=16, description="longest judge answer, in tokens (the "
+                            "scores' JSON)")
+    concurrency: int = Field(4, ge=1, description="judge requests in flight")
+    retries: int = Field(3, ge=0, description="retries of a failed judge request")
+    timeout: float = Field(300.0, gt=0, description="seconds per judge request attempt")
+
+
+class JudgedSettings(Settings):
+    conversations: str | None = Field("builtin:biomat", description="open questions every "
+                                      "variant answers, judged on depth of reasoning, "
+                                      "creativity, clarity and quantitative precision (the "
+                                      "paper's Table 3): JSON Lines of {\"id\", \"question\"}, "
+                                      "or builtin:NAME; null: not run")
+    design: str | None = Field("builtin:biomat", description="concept sets every variant "
+                               "combines into an image-generation prompt, judged on fidelity, "
+                               "visual specificity, scientific plausibility and originality: "
+                               "JSON Lines of {\"id\", \"concepts\": [...]}, or builtin:NAME; "
+                               "null: not run")
+    max_new_tokens: int = Field(128, ge=1, description="longest answer or prompt a variant "
+                                "writes, in tokens")
+    temperature: float = Field(0.7, gt=0, le=2, description="the variants' sampling temperature "
+                               "(with the paper's top-k 50, top-p 0.9, repetition penalty 1.1)")
+    seed: int = Field(0, description="sampling seed (item i is sampled with seed + i, so "
+                      "reruns are identical)")
+    limit: int | None = Field(None, ge=1, description="only the first N items of each task")
+    judge: JudgeSettings = Field(default_factory=JudgeSettings, description="the judge")
+
+
 class EvalSettings(Settings):
     bench: str = Field("builtin:biomat", description="benchmark JSON Lines (the format of "
                        "docs/design.md, 'Data formats')")
@@ -140,6 +180,9 @@ class EvalSettings(Settings):
                                                           "a GPU and on a CPU with native "
                                                           "bfloat16 arithmetic, float32 "
                                                           "elsewhere")
+    judged: JudgedSettings | None = Field(None, description="judged conversations and design "
+                                          "prompts for every evaluated variant "
+                                          "(dafast.eval.judged); null: off")
 
 
 class Recipe(Settings):

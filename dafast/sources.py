@@ -1,9 +1,11 @@
 """Where data and benchmarks come from, and the one reader of their JSON Lines.
 
-A source is, for a stage or the benchmark (`kind`: cpt, sft, dpo, orpo, benchmark):
+A source is, for a stage, the benchmark or a judged task (`kind`: cpt, sft, dpo, orpo,
+benchmark, conversations, design):
 - a JSON Lines file;
 - a dataset directory holding the kind's file (FILES: corpus.jsonl, sft.jsonl,
-  preferences.jsonl, benchmark.jsonl), the layout `python -m dafast.distill` writes;
+  preferences.jsonl, benchmark.jsonl, conversations.jsonl, design_concepts.jsonl), the layout
+  `python -m dafast.distill` writes;
 - `builtin:NAME` for the dataset bundled in dafast/data/NAME (the kind's file), or
   `builtin:NAME/PART` for its PART.jsonl;
 - a bare `NAME` or `NAME/PART` that is no existing path: the same as `builtin:NAME[/PART]`.
@@ -26,7 +28,7 @@ from dafast.formats import DataError, check_row, error_class
 
 # The file a stage or the benchmark reads from a dataset directory.
 FILES = {"cpt": "corpus", "sft": "sft", "dpo": "preferences", "orpo": "preferences",
-         "benchmark": "benchmark"}
+         "benchmark": "benchmark", "conversations": "conversations", "design": "design_concepts"}
 BUILTIN_PREFIX = "builtin:"
 
 

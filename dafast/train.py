@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RunLocked, OSError) as e:  # a missing model, a busy or unwritable output_dir
         print(f"error: {e}", file=sys.stderr)
         return 2
-    failed = any(n.status in ("failed", "skipped") for n in nodes.values())
+    # A node can be done with an error: its judged tasks failed, its benchmark result stands.
+    failed = any(n.status in ("failed", "skipped") or n.error for n in nodes.values())
     if not matrix.is_main_process():
         return 1 if failed else 0
     width = max(len(name) for name in nodes)

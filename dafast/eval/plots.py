@@ -155,3 +155,36 @@ def plot_loss(curves: Mapping[str, Sequence], path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     figure.savefig(path)
+
+
+def plot_judged(judged: Mapping[str, Mapping[str, Mapping]], criteria: Mapping[str, Sequence[str]],
+                path: pathlib.Path) -> None:
+    """Judged tasks (dafast.eval.judged): one row of panels per task, one panel per criterion,
+    each variant's mean score with its 95% interval on the judge's 1-10 scale."""
+    tasks = list(judged)
+    width = max(len(criteria[t]) for t in tasks)
+    variants = list(dict.fromkeys(v for t in tasks for v in judged[t]))
+    figure = _figure(2.6 * width + 1.5, (0.28 * len(variants) + 1.1) * len(tasks) + 0.4)
+    axes = figure.subplots(len(tasks), width, squeeze=False, sharey=True)
+    for line, task in zip(axes, tasks):
+        for ax in line[len(criteria[task]):]:
+            ax.set_visible(False)
+        for ax, criterion in zip(line, criteria[task]):
+            for y, variant in enumerate(variants):
+                result = judged[task].get(variant)
+                if result is None:
+                    continue
+                s = result["summary"][criterion]
+                color = _MERGED if "-slerp" in variant.lower() else _TRAINED
+                ax.errorbar(s["mean"], y, xerr=[[s["mean"] - s["lo"]], [s["hi"] - s["mean"]]],
+                            fmt="o", color=color, markersize=4, capsize=2, linewidth=1)
+            ax.set_xlim(0.5, 10.5)  # the judge's whole scale: scores of tasks stay comparable
+            ax.set_title(f"{task}: {criterion.replace('_', ' ')}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+            ax.tick_params(labelsize=8)
+        line[0].set_yticks(range(len(variants)), variants)
+    for ax in axes[-1]:
+        ax.set_xlabel("judge score (1-10)", fontsize=8)
+    axes[0, 0].invert_yaxis()
+    figure.suptitle("judged scores: means with 95% intervals (orange: merges)", fontsize=10)
+    figure.savefig(path)

@@ -23,6 +23,8 @@ everywhere (the matrix passes them in pipeline order).
     synergy.png     expected (P1+P2)/2 against the merged score, with the diagonal (if merges)
     loss.png        training-loss curves (if given)
     report.json     everything passed in and the statistics, to re-render or compare later
+    judged/         with ``judged``: every judged text with its scores, the design prompts, a
+                    plot (dafast.eval.judged.write_files); report.md gets a section per task
 
 Everything is written to a temporary directory next to ``out_dir`` and renamed into place, so a
 reader never sees a half-written report. An existing ``out_dir`` is replaced only if it holds
@@ -45,7 +47,8 @@ from dafast.eval.runner import COLUMNS, GROUPS
 from dafast.eval.synergy import synergy_table
 
 REPORT_FILES = frozenset(
-    {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png"}
+    {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png",
+     "judged"}  # judged/: the judged tasks' files (dafast.eval.judged.write_files)
 )
 _TITLES = {"generation": "generation (the paper's protocol)", "loglik": "letter log-likelihood",
            "calibrated": "calibrated letter log-likelihood", "cloze": "cloze (option text, per byte)",
@@ -272,7 +275,8 @@ def _halves(rows: Sequence[Mapping]) -> str:
             "column shows whether a choice carries over.")
 
 
-def _markdown(rows, analysis, tables, curves, config, timings, machine, failures=None) -> str:
+def _markdown(rows, analysis, tables, curves, config, timings, machine, failures=None,
+              judged_section=()) -> str:
     chance = analysis["chance"]
     parts = [
         "# dafast report",
@@ -308,6 +312,7 @@ def _markdown(rows, analysis, tables, curves, config, timings, machine, failures
         parts += ["![expected vs actual](synergy.png)", ""]
     if curves:
         parts += ["## Training loss", "", "![training loss](loss.png)", ""]
+    parts += list(judged_section)
     parts += ["## Run", ""]
     if config:
         parts += ["### Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
@@ -347,6 +352,7 @@ def write_report(
     instruct: str | None = None,
     failures: Mapping[str, str] | None = None,
     primary: str = "cloze",
+    judged: Mapping[str, Mapping[str, Mapping]] | None = None,
 ) -> pathlib.Path:
     """Write the report for ``rows`` (see the module docstring) into ``out_dir``; return it.
 
@@ -354,7 +360,8 @@ def write_report(
     ``machine``: anything JSON-able; ``instruct``: the instruct variant's name for merges without
     ``parents`` (default: the row named "Instruct"); ``failures``: name -> why it has no
     result (listed at the top of the report); ``primary``: the headline column (the report and
-    plots lead with it; the first column that ran when it did not).
+    plots lead with it; the first column that ran when it did not); ``judged``: task ->
+    variant -> dafast.eval.judged.run_task's result.
     """
     _check_rows(rows)
     curves = _check_curves(loss_curves or {})
@@ -374,11 +381,21 @@ def write_report(
             plot_synergy(tables, tmp / "synergy.png")
         if curves:
             plot_loss(curves, tmp / "loss.png")
-        markdown = _markdown(rows, analysis, tables, curves, config, timings, machine, failures)
+        judged_section = []
+        if judged:
+            from dafast.eval import judged as judged_tasks
+
+            if judged_tasks.write_files(judged, tmp / "judged"):
+                judged_section = judged_tasks.report_section(judged, "judged")
+        markdown = _markdown(rows, analysis, tables, curves, config, timings, machine, failures,
+                             judged_section)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         data = {"rows": list(rows), "failures": dict(failures or {}), "statistics": analysis,
                 "synergy": tables, "loss_curves": curves,
-                "config": config, "timings": timings, "machine": machine}
+                "config": config, "timings": timings, "machine": machine,
+                "judged": {task: {v: {k: r[k] for k in ("judge", "settings", "summary")}
+                                  for v, r in results.items()}
+                           for task, results in (judged or {}).items()}}
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is for everyone to read
         _replace_dir(tmp, out)
