@@ -155,3 +155,43 @@ def plot_loss(curves: Mapping[str, Sequence], path: pathlib.Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     figure.savefig(path)
+
+
+def plot_scaling(view: Mapping, path: pathlib.Path) -> None:
+    """Two panels of dafast.eval.scaling's view against the parameter count (log scale): each
+    strategy's accuracy (merges dashed), and each merge's merged - expected with the zero line;
+    one line per strategy with its 95% error bars. Models without a count are left out."""
+    figure = _figure(12.0, 4.6)
+    left, right = figure.subplots(1, 2)
+    panels = [(left, view["accuracy"], lambda p: (p["accuracy"], p["interval"]),
+               f"{view['column']} accuracy (%)"),
+              (right, view["synergy"],
+               lambda p: (p["vs_expected"], (p["intervals"] or {}).get("vs_expected")),
+               "merged − expected (P1+P2)/2 (points)")]
+    for ax, series, measure, label in panels:
+        for k, (strategy, points) in enumerate(series.items()):
+            points = [p for p in points if p["parameters"] is not None]
+            if not points:
+                continue
+            xs, ys, below, above = [], [], [], []
+            for p in points:
+                value, interval = measure(p)
+                lo, hi = interval or (value, value)
+                xs.append(p["parameters"])
+                ys.append(100 * value)
+                below.append(100 * (value - lo))
+                above.append(100 * (hi - value))
+            dashed = ax is left and strategy in view["synergy"]
+            ax.errorbar(xs, ys, yerr=[below, above], fmt="o--" if dashed else "o-",
+                        color=f"C{k % 10}", label=strategy, markersize=4, capsize=3, linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters", fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.tick_params(labelsize=8)
+        if ax.has_data():
+            ax.legend(fontsize=7, loc="best")
+    right.axhline(0, color="grey", linestyle=":", linewidth=1)
+    left.set_title("each strategy against model size (dashed: merges)", fontsize=10)
+    right.set_title("merge synergy against model size", fontsize=10)
+    figure.savefig(path)

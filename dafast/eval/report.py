@@ -22,6 +22,7 @@ everywhere (the matrix passes them in pipeline order).
     accuracy.png    each variant's accuracy with its interval, per column and headline group
     synergy.png     expected (P1+P2)/2 against the merged score, with the diagonal (if merges)
     loss.png        training-loss curves (if given)
+    scaling.png     accuracy and merge synergy against parameter count (a run of several models)
     report.json     everything passed in and the statistics, to re-render or compare later
 
 Everything is written to a temporary directory next to ``out_dir`` and renamed into place, so a
@@ -40,12 +41,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 
 from dafast.eval import stats
-from dafast.eval.plots import GROUP_TITLES, HEADLINE_GROUPS, plot_accuracy, plot_loss, plot_synergy
+from dafast.eval.scaling import markdown as scaling_markdown
+from dafast.eval.plots import (GROUP_TITLES, HEADLINE_GROUPS, plot_accuracy, plot_loss,
+                               plot_scaling, plot_synergy)
 from dafast.eval.runner import COLUMNS, GROUPS
 from dafast.eval.synergy import synergy_table
 
 REPORT_FILES = frozenset(
-    {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png"}
+    {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png",
+     "scaling.png"}
 )
 _TITLES = {"generation": "generation (the paper's protocol)", "loglik": "letter log-likelihood",
            "calibrated": "calibrated letter log-likelihood", "cloze": "cloze (option text, per byte)",
@@ -272,7 +276,8 @@ def _halves(rows: Sequence[Mapping]) -> str:
             "column shows whether a choice carries over.")
 
 
-def _markdown(rows, analysis, tables, curves, config, timings, machine, failures=None) -> str:
+def _markdown(rows, analysis, tables, curves, config, timings, machine, failures=None,
+              scaling=None) -> str:
     chance = analysis["chance"]
     parts = [
         "# dafast report",
@@ -292,6 +297,8 @@ def _markdown(rows, analysis, tables, curves, config, timings, machine, failures
     if failures:
         parts += ["## Failed", "", _table(["node", "why"], [[k, v] for k, v in failures.items()]),
                   ""]
+    if scaling:  # a run of several models leads with what changes with size
+        parts += scaling_markdown(scaling)
     if rows:
         parts += _headline(rows, analysis) + _degenerate(analysis)
         parts += ["![accuracy per variant](accuracy.png)", ""]
@@ -347,6 +354,7 @@ def write_report(
     instruct: str | None = None,
     failures: Mapping[str, str] | None = None,
     primary: str = "cloze",
+    scaling: Mapping | None = None,
 ) -> pathlib.Path:
     """Write the report for ``rows`` (see the module docstring) into ``out_dir``; return it.
 
@@ -354,7 +362,8 @@ def write_report(
     ``machine``: anything JSON-able; ``instruct``: the instruct variant's name for merges without
     ``parents`` (default: the row named "Instruct"); ``failures``: name -> why it has no
     result (listed at the top of the report); ``primary``: the headline column (the report and
-    plots lead with it; the first column that ran when it did not).
+    plots lead with it; the first column that ran when it did not); ``scaling``: a view of
+    :func:`dafast.eval.scaling.scaling_view` (several models), shown first with its plot.
     """
     _check_rows(rows)
     curves = _check_curves(loss_curves or {})
@@ -374,11 +383,15 @@ def write_report(
             plot_synergy(tables, tmp / "synergy.png")
         if curves:
             plot_loss(curves, tmp / "loss.png")
-        markdown = _markdown(rows, analysis, tables, curves, config, timings, machine, failures)
+        if scaling:
+            plot_scaling(scaling, tmp / "scaling.png")
+        markdown = _markdown(rows, analysis, tables, curves, config, timings, machine, failures,
+                             scaling)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         data = {"rows": list(rows), "failures": dict(failures or {}), "statistics": analysis,
                 "synergy": tables, "loss_curves": curves,
-                "config": config, "timings": timings, "machine": machine}
+                "config": config, "timings": timings, "machine": machine,
+                **({"scaling": scaling} if scaling else {})}
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is for everyone to read
         _replace_dir(tmp, out)
