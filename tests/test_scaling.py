@@ -222,3 +222,23 @@ def test_the_readmes_scaling_recipe_validates():
     names = [m.name for m in recipe.models]
     assert len(names) == 5 and {"smollm2-135m", "smollm2-1.7b", "llama-3.1-8b"} <= set(names)
     assert recipe.model_recipes()["mistral-7b"].dpo.beta == 0.01
+
+
+def test_parameter_count_reads_the_shards_the_index_names(tmp_path):
+    """A sharded model counts the tensors its index maps, not a stray file beside the shards
+    (Mistral's repositories ship a consolidated.safetensors next to them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 5), "b": torch.zeros(7)}, tmp_path / "model-1.safetensors")
+    save_file({"c": torch.zeros(2, 2, 2)}, tmp_path / "model-2.safetensors")
+    save_file({"a": torch.zeros(3, 5), "b": torch.zeros(7), "c": torch.zeros(2, 2, 2)},
+              tmp_path / "consolidated.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-1.safetensors", "b": "model-1.safetensors", "c": "model-2.safetensors"}}))
+    assert parameter_count(tmp_path) == 15 + 7 + 8
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        parameter_count(tmp_path)
+    assert [short_count(n) for n in (999, 12_345, 134_515_008, 1_711_376_384)] == [
+        "999", "12.3K", "135M", "1.71B"]
