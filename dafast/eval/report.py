@@ -41,10 +41,10 @@ import tempfile
 from collections.abc import Mapping, Sequence
 
 from dafast.eval import stats
-from dafast.eval.scaling import markdown as scaling_markdown
 from dafast.eval.plots import (GROUP_TITLES, HEADLINE_GROUPS, plot_accuracy, plot_loss,
                                plot_scaling, plot_synergy)
 from dafast.eval.runner import COLUMNS, GROUPS
+from dafast.eval.scaling import markdown as scaling_markdown
 from dafast.eval.synergy import synergy_table
 
 REPORT_FILES = frozenset(
