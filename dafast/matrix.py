@@ -13,6 +13,12 @@ parents' keys), and its directory is named by it, so a finished node is reused b
 any other recipe that asks for the same thing, and a changed setting retrains only what depends
 on it. An interrupted stage resumes from its last checkpoint. A node that fails is reported and
 fails only its descendants; everything else still runs.
+
+A recipe with `models:` runs this matrix for each model: nodes `small/cpt-sft`, ..., keyed as
+each model's one-model recipe keys them, in directories of their own (stages/small/...: models
+of one shape would otherwise share keys, which read config and weight sizes, not weights). Its
+report adds the scaling view (dafast.eval.scaling); each model's own report goes to
+OUTPUT_DIR/reports/MODEL.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Node:
     merge_t: object = None         # a merge: its t-schedule (None: the paper's)
     stage: object = field(default=None, repr=False)  # a trained stage: its StageResult
     judged: dict = field(default_factory=dict, repr=False)  # judged task -> its result
+    model: str = ""                # a run of several models (`models:`): this node's model
 
 
 def _hash(*parts) -> str:
@@ -120,9 +127,23 @@ def _merge_schedules(recipe: Recipe) -> dict[str, object]:
 
 
 def build_plan(recipe: Recipe) -> dict[str, Node]:
-    """All nodes, parents before children."""
+    """All nodes, parents before children. Several models (`models:`): each model's own plan,
+    its nodes named MODEL/NAME; a node's key is the one its model's one-model recipe gives it,
+    so its results are the same whichever models run beside it."""
+    if recipe.models is None:
+        return _model_plan(recipe)
     nodes: dict[str, Node] = {}
-    starts = {"instruct": recipe.model}
+    for model, model_recipe in recipe.model_recipes().items():
+        for node in _model_plan(model_recipe).values():
+            node.name, node.model = f"{model}/{node.name}", model
+            node.parents = [f"{model}/{p}" for p in node.parents]
+            nodes[node.name] = node
+    return nodes
+
+
+def _model_plan(recipe: Recipe) -> dict[str, Node]:
+    nodes: dict[str, Node] = {}
+    starts = {"instruct": recipe.model or "default"}
     if recipe.base_model:
         starts["base"] = recipe.base_model
     for start, model in starts.items():
@@ -230,9 +251,9 @@ def _link(root: Path, node: Node) -> None:
     """OUTPUT_DIR/models/<node name> -> the node's model: a stable name for the latest result
     (the directories themselves are named by key). Relative inside OUTPUT_DIR, so a copied run
     keeps working; absolute for a starting model elsewhere."""
-    links = (root / "models").absolute()
+    link, model = (root / "models").absolute() / node.name, Path(node.model_dir).absolute()
+    links = link.parent  # models/, or models/MODEL/ for a node named MODEL/NAME
     links.mkdir(parents=True, exist_ok=True)
-    link, model = links / node.name, Path(node.model_dir).absolute()
     inside = model.is_relative_to(root.absolute())
     target = os.path.relpath(model, links) if inside else str(model)
     if link.is_symlink() and os.readlink(link) == target:
@@ -240,7 +261,7 @@ def _link(root: Path, node: Node) -> None:
     if link.exists() and not link.is_symlink():
         log.warning("%s is not a link dafast made; left as it is", link)
         return
-    tmp = links / f".{node.name}.tmp"
+    tmp = links / f".{link.name}.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target, target_is_directory=True)
     tmp.replace(link)
@@ -406,16 +427,55 @@ def timings(nodes: dict[str, Node]) -> dict[str, float]:
 
 
 def write_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
-    from dafast.eval.report import write_report as write
+    """OUTPUT_DIR/report. Several models: that report shows every node and leads with the
+    scaling view, and each model's own report, as its one-model run would write it, goes to
+    OUTPUT_DIR/reports/MODEL."""
+    if recipe.models is not None:
+        return _write_scaling_report(recipe, nodes, root)
+    return _write_report(recipe, nodes, root / "report")
 
-    # Records give the report its intervals and paired tests; the headline column is the
-    # recipe's (getattr: recipes from before the field still report, on the cloze column).
-    rows = [{"variant": n.name, "parents": n.parents if n.kind == "merge" else [],
+
+def _report_rows(nodes: dict[str, Node]) -> list[dict]:
+    # Records give the report its intervals and paired tests.
+    return [{"variant": n.name, "parents": n.parents if n.kind == "merge" else [],
              "summary": n.summary, "records": n.records}
             for n in nodes.values() if n.evaluate and n.summary]
-    return write(root / "report", rows, loss_curves=loss_curves(nodes), config=recipe.model_dump(),
-                 timings=timings(nodes), machine=machine(),
+
+
+def _write_report(recipe: Recipe, nodes: dict[str, Node], out: Path, **extra) -> Path:
+    from dafast.eval.report import write_report as write
+
+    # The headline column is the recipe's (getattr: recipes from before the field still report,
+    # on the cloze column).
+    return write(out, _report_rows(nodes), loss_curves=loss_curves(nodes),
+                 config=recipe.model_dump(), timings=timings(nodes), machine=machine(),
                  instruct="instruct", primary=recipe.eval.primary,
                  failures={n.name: n.error for n in nodes.values() if n.error},
                  judged={task: {n.name: n.judged[task] for n in nodes.values() if task in n.judged}
-                         for task in dict.fromkeys(t for n in nodes.values() for t in n.judged)})
+                         for task in dict.fromkeys(t for n in nodes.values() for t in n.judged)},
+                 **extra)
+
+
+def _write_scaling_report(recipe: Recipe, nodes: dict[str, Node], root: Path) -> Path:
+    from dataclasses import replace
+
+    from dafast.eval.scaling import parameter_count, scaling_view
+
+    models = []
+    for model, model_recipe in recipe.model_recipes().items():
+        prefix, own = f"{model}/", {}
+        for node in nodes.values():
+            if node.model == model:  # named as its one-model run names it
+                node = replace(node, name=node.name.removeprefix(prefix),
+                               parents=[p.removeprefix(prefix) for p in node.parents])
+                own[node.name] = node
+        _write_report(model_recipe, own, root / "reports" / model)
+        try:
+            parameters = parameter_count(own["instruct"].source)
+        except (OSError, ValueError) as e:  # the model is then listed without a point
+            log.error("%s: cannot count its parameters: %s", model, e)
+            parameters = None
+        models.append({"name": model, "parameters": parameters, "rows": _report_rows(own),
+                       "report": f"../reports/{model}/report.md"})
+    view = scaling_view(models, primary=recipe.eval.primary)
+    return _write_report(recipe, nodes, root / "report", scaling=view)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from dafast.teacher import DEFAULT_BASE_URL, TeacherConfig
 
@@ -185,9 +186,55 @@ class EvalSettings(Settings):
                                           "(dafast.eval.judged); null: off")
 
 
+# What a model of `models:` may set for itself: how its stages train (the paper's Mistral-Base
+# DPO beta of 0.01, a LoRA rank per size). Not the plan's shape or its merges and benchmark,
+# which every model shares so that their scores line up strategy by strategy.
+PER_MODEL_FIELDS = ("finetune", "lora", "dtype", "mixed_precision", "save_dtype",
+                    "activation_checkpointing", "cpt", "sft", "dpo", "orpo")
+
+
+class ModelEntry(Settings):
+    name: str = Field(description="the model's name in node names (NAME/cpt-sft) and the report")
+    path: str = Field(description="the instruct model: a local HF directory, or 'default'")
+    base_model: str | None = Field(None, description="its base model (the paper's Base rows)")
+    overrides: dict[str, Any] = Field({}, description="this model's own settings, as recipe "
+                                      "sections: e.g. {lora: {r: 64}, dpo: {beta: 0.01}}; "
+                                      f"fields: {', '.join(PER_MODEL_FIELDS)}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, entry: Any) -> Any:
+        """A bare path or name: the model named by its directory."""
+        if isinstance(entry, str):
+            return {"name": Path(entry.rstrip("/")).name or entry, "path": entry}
+        return entry
+
+    @field_validator("name")
+    @classmethod
+    def _directory_safe(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"model name {name!r}: use letters, digits, '_', '.' and '-'")
+        return name
+
+    @field_validator("overrides")
+    @classmethod
+    def _stage_settings_only(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        other = [key for key in overrides if key not in PER_MODEL_FIELDS]
+        if other:
+            raise ValueError(f"{', '.join(other)}: not settable per model (per-model fields: "
+                             f"{', '.join(PER_MODEL_FIELDS)})")
+        return overrides
+
+
 class Recipe(Settings):
-    model: str = Field("default", description="the instruct model: a local HF directory, or "
-                       "'default' for the embedded SmolLM2-135M-Instruct")
+    model: str | None = Field(None, description="the instruct model: a local HF directory, or "
+                              "'default' for the embedded SmolLM2-135M-Instruct; null: the "
+                              "default, unless `models` is given")
+    models: list[ModelEntry] | None = Field(None, description="several models, each running "
+                                            "the whole matrix (nodes NAME/cpt-sft, ...), and "
+                                            "the report's scaling section: a list of "
+                                            "{name, path, base_model, overrides} or of paths. "
+                                            "Instead of `model` and `base_model`")
     base_model: str | None = Field(None, description="a base model to start pipelines from too "
                                    "(the paper's Base rows); merges still use `model`")
     output_dir: str = Field("runs/default", description="where stages, merges and the report go")
@@ -262,6 +309,52 @@ class Recipe(Settings):
                     raise ValueError(f"pipeline {pipeline!r}: unknown stage {stage!r} "
                                      f"(stages: {', '.join(STAGES)})")
         return pipelines
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, models: list[ModelEntry] | None) -> list[ModelEntry] | None:
+        if models is not None:
+            if not models:
+                raise ValueError("no models: list at least one, or use `model`")
+            names = [m.name for m in models]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"model name(s) {', '.join(twice)} given twice: name each "
+                                 "model of `models` differently")
+        return models
+
+    @model_validator(mode="after")
+    def _one_model_field(self) -> Recipe:
+        if self.models is not None:
+            both = [f for f in ("model", "base_model") if getattr(self, f) is not None]
+            if both:
+                raise ValueError(f"both `models` and `{'` and `'.join(both)}` are given: list "
+                                 "each model (and its base_model) under `models` and set "
+                                 f"{' and '.join(f'`{f}: null`' for f in both)} (the bundled "
+                                 "recipes set `model: default`), or give one `model`")
+            self.model_recipes()  # each model's overrides valid before any work starts
+        return self
+
+    def model_recipes(self) -> dict[str, Recipe]:
+        """Model name -> the one-model recipe that model runs: `model` and `base_model` from its
+        entry, its overrides applied. A one-model recipe: {"": itself}."""
+        if self.models is None:
+            return {"": self}
+        recipes = {}
+        for i, entry in enumerate(self.models):
+            data = self.model_dump(exclude={"models"})
+            data.update(model=entry.path, base_model=entry.base_model)
+            for section, value in entry.overrides.items():  # a section: only the fields given
+                current = data.get(section)
+                both = isinstance(current, dict) and isinstance(value, dict)
+                data[section] = {**current, **value} if both else value
+            try:
+                recipes[entry.name] = Recipe.model_validate(data)
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                     for err in e.errors())
+                raise RecipeError(f"models[{i}] ({entry.name}).overrides: {problems}") from None
+        return recipes
 
     def stage(self, kind: str) -> StageSettings:
         return getattr(self, kind)

@@ -188,3 +188,52 @@ def plot_judged(judged: Mapping[str, Mapping[str, Mapping]], criteria: Mapping[s
     axes[0, 0].invert_yaxis()
     figure.suptitle("judged scores: means with 95% intervals (orange: merges)", fontsize=10)
     figure.savefig(path)
+
+
+def plot_scaling(view: Mapping, path: pathlib.Path) -> None:
+    """Two panels of dafast.eval.scaling's view against the parameter count (log scale): each
+    strategy's accuracy (merges dashed), and each merge's merged - expected with the zero line;
+    one line per strategy (one colour per strategy in both panels) with its 95% error bars, the
+    models named on the axis. Models without a count are left out."""
+    from dafast.eval.scaling import short_count
+
+    colours = {strategy: f"C{k % 10}" for k, strategy in enumerate(view["accuracy"])}
+    counted = [m for m in view["models"] if m["parameters"] is not None]
+    figure = _figure(12.0, 4.8)
+    left, right = figure.subplots(1, 2)
+    panels = [(left, view["accuracy"], lambda p: (p["accuracy"], p["interval"]),
+               f"{view['column']} accuracy (%)"),
+              (right, view["synergy"],
+               lambda p: (p["vs_expected"], (p["intervals"] or {}).get("vs_expected")),
+               "merged − expected (P1+P2)/2 (points)")]
+    for ax, series, measure, label in panels:
+        for strategy, points in series.items():
+            points = [p for p in points if p["parameters"] is not None]
+            if not points:
+                continue
+            xs, ys, below, above = [], [], [], []
+            for p in points:
+                value, interval = measure(p)
+                lo, hi = interval or (value, value)
+                xs.append(p["parameters"])
+                ys.append(100 * value)
+                below.append(100 * (value - lo))
+                above.append(100 * (hi - value))
+            dashed = ax is left and strategy in view["synergy"]
+            ax.errorbar(xs, ys, yerr=[below, above], fmt="o--" if dashed else "o-",
+                        color=colours.get(strategy, "black"), label=strategy, markersize=4,
+                        capsize=3, linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xticks([m["parameters"] for m in counted],
+                      [f"{m['name']}\n{short_count(m['parameters'])}" for m in counted])
+        ax.minorticks_off()
+        ax.set_xlabel("parameters (log scale)", fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.tick_params(labelsize=8)
+        if ax.has_data():
+            ax.legend(fontsize=7, loc="best")
+    right.axhline(0, color="grey", linestyle=":", linewidth=1)
+    left.set_title("each strategy against model size (dashed: merges)", fontsize=10)
+    right.set_title("merge synergy against model size", fontsize=10)
+    figure.savefig(path)

@@ -22,6 +22,7 @@ everywhere (the matrix passes them in pipeline order).
     accuracy.png    each variant's accuracy with its interval, per column and headline group
     synergy.png     expected (P1+P2)/2 against the merged score, with the diagonal (if merges)
     loss.png        training-loss curves (if given)
+    scaling.png     accuracy and merge synergy against parameter count (a run of several models)
     report.json     everything passed in and the statistics, to re-render or compare later
     judged/         with ``judged``: every judged text with its scores, the design prompts, a
                     plot (dafast.eval.judged.write_files); report.md gets a section per task
@@ -42,13 +43,16 @@ import tempfile
 from collections.abc import Mapping, Sequence
 
 from dafast.eval import stats
-from dafast.eval.plots import GROUP_TITLES, HEADLINE_GROUPS, plot_accuracy, plot_loss, plot_synergy
+from dafast.eval.plots import (GROUP_TITLES, HEADLINE_GROUPS, plot_accuracy, plot_loss,
+                               plot_scaling, plot_synergy)
 from dafast.eval.runner import COLUMNS, GROUPS
+from dafast.eval.scaling import markdown as scaling_markdown
 from dafast.eval.synergy import synergy_table
 
 REPORT_FILES = frozenset(
     {"results.csv", "report.md", "report.json", "accuracy.png", "synergy.png", "loss.png",
-     "judged"}  # judged/: the judged tasks' files (dafast.eval.judged.write_files)
+     "judged",  # judged/: the judged tasks' files (dafast.eval.judged.write_files)
+     "scaling.png"}
 )
 _TITLES = {"generation": "generation (the paper's protocol)", "loglik": "letter log-likelihood",
            "calibrated": "calibrated letter log-likelihood", "cloze": "cloze (option text, per byte)",
@@ -276,7 +280,7 @@ def _halves(rows: Sequence[Mapping]) -> str:
 
 
 def _markdown(rows, analysis, tables, curves, config, timings, machine, failures=None,
-              judged_section=()) -> str:
+              judged_section=(), scaling=None) -> str:
     chance = analysis["chance"]
     parts = [
         "# dafast report",
@@ -296,6 +300,8 @@ def _markdown(rows, analysis, tables, curves, config, timings, machine, failures
     if failures:
         parts += ["## Failed", "", _table(["node", "why"], [[k, v] for k, v in failures.items()]),
                   ""]
+    if scaling:  # a run of several models leads with what changes with size
+        parts += scaling_markdown(scaling)
     if rows:
         parts += _headline(rows, analysis) + _degenerate(analysis)
         parts += ["![accuracy per variant](accuracy.png)", ""]
@@ -353,6 +359,7 @@ def write_report(
     failures: Mapping[str, str] | None = None,
     primary: str = "cloze",
     judged: Mapping[str, Mapping[str, Mapping]] | None = None,
+    scaling: Mapping | None = None,
 ) -> pathlib.Path:
     """Write the report for ``rows`` (see the module docstring) into ``out_dir``; return it.
 
@@ -361,7 +368,8 @@ def write_report(
     ``parents`` (default: the row named "Instruct"); ``failures``: name -> why it has no
     result (listed at the top of the report); ``primary``: the headline column (the report and
     plots lead with it; the first column that ran when it did not); ``judged``: task ->
-    variant -> dafast.eval.judged.run_task's result.
+    variant -> dafast.eval.judged.run_task's result; ``scaling``: a view of
+    :func:`dafast.eval.scaling.scaling_view` (several models), shown first with its plot.
     """
     _check_rows(rows)
     curves = _check_curves(loss_curves or {})
@@ -387,15 +395,18 @@ def write_report(
 
             if judged_tasks.write_files(judged, tmp / "judged"):
                 judged_section = judged_tasks.report_section(judged, "judged")
+        if scaling:
+            plot_scaling(scaling, tmp / "scaling.png")
         markdown = _markdown(rows, analysis, tables, curves, config, timings, machine, failures,
-                             judged_section)
+                             judged_section, scaling)
         (tmp / "report.md").write_text(markdown, encoding="utf-8")
         data = {"rows": list(rows), "failures": dict(failures or {}), "statistics": analysis,
                 "synergy": tables, "loss_curves": curves,
                 "config": config, "timings": timings, "machine": machine,
                 "judged": {task: {v: {k: r[k] for k in ("judge", "settings", "summary")}
                                   for v, r in results.items()}
-                           for task, results in (judged or {}).items()}}
+                           for task, results in (judged or {}).items()},
+                **({"scaling": scaling} if scaling else {})}
         (tmp / "report.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is for everyone to read
         _replace_dir(tmp, out)
