@@ -305,7 +305,8 @@ def test_embedded_model_with_a_perturbed_copy(tmp_path):
     (tmp_path / "other").mkdir()
     save_file(other, tmp_path / "other" / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(base / "config.json", tmp_path / "other")
-    slerp_merge(base, tmp_path / "other", tmp_path / "merged", shard_bytes=100 * 10**6)
+    slerp_merge(base, tmp_path / "other", tmp_path / "merged", dtype="bfloat16",
+                shard_bytes=100 * 10**6)
     n_layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     assert_slerp_of(tensors(tmp_path / "merged"), weights, other, n_layers)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")

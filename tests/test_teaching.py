@@ -15,7 +15,7 @@ from dafast import data, matrix
 from dafast.eval.cloze import score_after
 from dafast.eval.runner import load_model
 from dafast.stages import run_stage
-from dafast.stages.sft import build_dataset
+from dafast.stages.cpt import build_dataset
 from test_train import recipe_for
 
 DOCUMENT = ("Silk is spun from protein. It is strong.\n\nNacre is layered. Its tablets are "
@@ -55,8 +55,8 @@ def test_mix_sft_adds_a_share_of_the_conversations_in_the_chat_template(tiny_mod
     assert data.rendered_conversations(rows, 0.0, tokenizer) == []
 
     recipe = recipe_for(tmp_path)
-    plain = build_dataset("cpt", recipe.cpt, tokenizer)
-    mixed = build_dataset("cpt", recipe.cpt.model_copy(update={
+    plain = build_dataset(recipe.cpt, tokenizer)
+    mixed = build_dataset(recipe.cpt.model_copy(update={
         "variants": 1, "mix_sft": 1.0, "sft_data": recipe.sft.data}), tokenizer)
     corpus = sum(len(ids) - 1 for ids in plain["input_ids"])  # less one BOS per chunk
     added = sum(len(ids) - 1 for ids in mixed["input_ids"]) - 2 * corpus
@@ -69,12 +69,12 @@ def test_mix_sft_adds_a_share_of_the_conversations_in_the_chat_template(tiny_mod
 
 def test_finetune_per_stage_full_cpt_then_lora_sft(tiny_model, tmp_path):
     recipe = recipe_for(tmp_path, finetune="lora", cpt=dict(finetune="full"))
-    cpt = run_stage("cpt", recipe, tiny_model, tmp_path / "cpt")
+    cpt = run_stage("cpt", recipe, tiny_model, tmp_path / "cpt").model_dir
     assert not (tmp_path / "cpt" / "adapter").exists()
     start, trained = load_file(tiny_model / "model.safetensors"), load_file(cpt / "model.safetensors")
     # Full fine-tuning moves every weight, the embedding and the norms too (LoRA would not).
     assert all(not torch.equal(start[name], trained[name]) for name in start)
-    sft = run_stage("sft", recipe, cpt, tmp_path / "sft")
+    sft = run_stage("sft", recipe, cpt, tmp_path / "sft").model_dir
     assert (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
     assert sft.is_dir()
 
@@ -126,6 +126,6 @@ def test_training_on_invented_facts_makes_their_answers_the_likely_ones(tiny_mod
                                            max_steps=150, learning_rate=1e-2, batch_size=2,
                                            max_length=48))
     before = _margins(tiny_model)
-    after = _margins(run_stage("cpt", recipe, tiny_model, tmp_path / "cpt"))
+    after = _margins(run_stage("cpt", recipe, tiny_model, tmp_path / "cpt").model_dir)
     assert sum(m > 0 for m in before) <= 3, before  # the untrained model does not know them
     assert all(m > 1.0 for m in after), (before, after)  # e^1: the right one is the likely one
