@@ -407,8 +407,9 @@ def is_main_process() -> bool:
 
 
 def loss_curves(nodes: dict[str, Node]) -> dict[str, list[tuple[int, float]]]:
-    return {node.name: node.stage.loss_curve() for node in nodes.values()
-            if node.stage is not None and node.stage.loss_curve()}
+    curves = {node.name: node.stage.loss_curve() for node in nodes.values()
+              if node.stage is not None}
+    return {name: curve for name, curve in curves.items() if curve}
 
 
 def machine() -> dict:
